@@ -1,0 +1,315 @@
+"""The actor role: keeps one vLLM engine full and ships every finished sample.
+
+Loop, one engine step at a time::
+
+    control inbox ─WeightUpdate─> (join weight broadcast) ─> engine.load_weights
+    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (DEALER)
+                                                   teacher ─ScoreAck─> retry / degrade
+
+Admission (slots). Each optimiser step ``k`` takes ``batch_size / num_actors``
+samples from this actor, whole prompt groups at a time; the actor stamps them
+``batch_index = k``. It admits a group for step ``k`` only when its weights allow:
+
+- ``bounded``: ``k <= policy_version + max_staleness``; new weights are taken
+  between engine steps, with requests in flight (their later tokens carry the
+  new version);
+- ``fixed_lag``: ``max(0, k - max_staleness) <= policy_version``, and new weights
+  are taken only when nothing is in flight and the next step needs them, so step
+  ``k`` is generated entirely by version ``k - max_staleness``.
+
+Either way the learner, which trains step ``k`` at version ``k``, sees staleness
+at most ``max_staleness``. Held-out evaluation requests (greedy for accuracy,
+T=1 samples for reverse KL) are admitted whenever the engine reaches an eval
+version; weights are not swapped under them.
+
+This module owns no model math and never imports another role.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from asyncopd.config import JobConfig
+from asyncopd.tasks import Prompt, Task
+from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.sockets import Channel, poll
+from asyncopd.transport.weights import WeightGroup, receive_weights
+from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, WeightUpdate
+
+__all__ = ["ActorLoop", "eval_versions"]
+
+logger = logging.getLogger(__name__)
+
+_STATS_EVERY_S = 2.0
+
+
+def eval_versions(cfg: JobConfig, start_version: int) -> set[int]:
+    """Policy versions at which the held-out set is evaluated."""
+    if not cfg.eval.enabled:
+        return set()
+    versions = {start_version, cfg.learner.num_steps}
+    if cfg.eval.every_steps:
+        versions.update(range(start_version, cfg.learner.num_steps + 1, cfg.eval.every_steps))
+    return versions
+
+
+@dataclass(slots=True)
+class _Request:
+    kind: str
+    prompt: Prompt
+    prompt_ids: list[int]
+    group_id: int
+    batch_index: int
+
+
+@dataclass(slots=True)
+class _Unacked:
+    rollout: Rollout
+    request: _Request
+    deadline: float
+    attempts: int
+
+
+class ActorLoop:
+    """State and steps of one actor; :meth:`run` drives it until shutdown."""
+
+    def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
+                 inbox: Channel, dealer: Channel, stats_out: Channel) -> None:
+        self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
+        self.weight_group, self.inbox, self.dealer, self.stats_out = weight_group, inbox, dealer, stats_out
+        actor = cfg.actor
+        self.group_size = actor.samples_per_prompt
+        self.groups_per_step = cfg.learner.batch_size // actor.samples_per_prompt // cfg.cluster.actors
+        self.policy_version: int | None = None  # unknown until the learner's first weights arrive
+        self.next_group = 0
+        self.prompts = None
+        self.pending_updates: deque[WeightUpdate] = deque()
+        self.inflight: dict[str, _Request] = {}
+        self.unacked: dict[str, _Unacked] = {}
+        self.evaluated: set[int] = set()
+        self.eval_due: set[int] = set()
+        self.seq = 0
+        self.started = time.monotonic()
+        self.last_stats = 0.0
+        self.tokens_generated = 0
+        self.engine_busy_s = 0.0
+        self.weight_sync_s = 0.0
+        self.num_retries = 0
+        self.num_unscored = 0
+
+    # ---- admission ---------------------------------------------------------------------------
+    def _batch_of(self, group: int) -> int:
+        return group // self.groups_per_step
+
+    def _may_admit(self) -> bool:
+        if self.policy_version is None:
+            return False
+        k = self._batch_of(self.next_group)
+        if k >= self.cfg.learner.num_steps:
+            return False
+        eta = self.cfg.async_.max_staleness
+        if self.cfg.async_.schedule == "fixed_lag":
+            return max(0, k - eta) <= self.policy_version
+        return k <= self.policy_version + eta
+
+    def _admit_group(self) -> None:
+        prompt = next(self.prompts)
+        k = self._batch_of(self.next_group)
+        request = _Request("train", prompt, self._encode(prompt), self.index + self.cfg.cluster.actors * self.next_group, k)
+        for _ in range(self.group_size):
+            self._submit(request)
+        self.next_group += 1
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        return list(self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
+
+    def _submit(self, request: _Request) -> None:
+        request_id = f"{self.index}-{self.seq}"
+        sample_seed = (self.cfg.actor.seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
+        self.seq += 1
+        if request.kind == "eval_greedy":
+            self.engine.add(request_id, request.prompt_ids, greedy=True)
+        elif request.kind == "eval_sample":
+            self.engine.add(request_id, request.prompt_ids, seed=sample_seed, temperature=1.0)
+        else:
+            self.engine.add(request_id, request.prompt_ids, seed=sample_seed)
+        self.inflight[request_id] = request
+
+    def _admit_eval(self, version: int) -> None:
+        prompts = self.task.eval_prompts()
+        for i, prompt in enumerate(prompts):
+            if i % self.cfg.cluster.actors != self.index:
+                continue
+            ids = self._encode(prompt)
+            for kind in ("eval_greedy", "eval_sample"):
+                self._submit(_Request(kind, prompt, ids, prompt.index, version))
+        self.evaluated.add(version)
+        logger.info("actor %d: evaluating policy version %d", self.index, version)
+
+    # ---- weights -----------------------------------------------------------------------------
+    def _eval_inflight(self) -> bool:
+        return any(r.kind != "train" for r in self.inflight.values())
+
+    def _may_apply_update(self) -> bool:
+        if self._eval_inflight():
+            return False
+        if self.policy_version is None or self.cfg.async_.schedule == "bounded":
+            return True
+        # fixed_lag: only between batches, and only when the next batch needs newer weights.
+        if self.inflight:
+            return False
+        k = self._batch_of(self.next_group)
+        needed = max(0, k - self.cfg.async_.max_staleness)
+        return k >= self.cfg.learner.num_steps or needed > self.policy_version
+
+    def _apply_update(self, update: WeightUpdate) -> None:
+        start = time.perf_counter()
+        self.engine.load_weights(list(receive_weights(self.weight_group, update)))
+        self.weight_sync_s = time.perf_counter() - start
+        first = self.policy_version is None
+        self.policy_version = update.policy_version
+        if first:
+            self.next_group = update.policy_version * self.groups_per_step
+            self.prompts = self.task.train_prompts(self.index, self.cfg.cluster.actors, start=self.next_group)
+            self.eval_due = eval_versions(self.cfg, update.policy_version)
+        if self.policy_version in self.eval_due and self.policy_version not in self.evaluated:
+            self._admit_eval(self.policy_version)
+        logger.debug("actor %d: now at policy version %d (%.3fs)", self.index, self.policy_version, self.weight_sync_s)
+        self._send_stats(force=True)
+
+    # ---- results -----------------------------------------------------------------------------
+    def _finish(self, completion) -> None:
+        request = self.inflight.pop(completion.request_id)
+        ids = completion.token_ids
+        self.tokens_generated += int(ids.shape[0])
+        text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        versions = completion.token_policy_versions
+        rollout = Rollout(
+            rollout_id=completion.request_id, kind=request.kind, batch_index=request.batch_index,
+            group_id=request.group_id, actor_index=self.index,
+            prompt_ids=np.asarray(request.prompt_ids, dtype=np.int32), response_ids=ids,
+            behaviour_logprobs=completion.logprobs, token_policy_versions=versions,
+            policy_version=int(versions.min()) if versions.size else self.policy_version,
+            reward=float(self.task.reward(request.prompt, text)), finish_reason=completion.finish_reason,
+        )
+        self.dealer.send(rollout)
+        self.unacked[rollout.rollout_id] = _Unacked(rollout, request, self._deadline(), 0)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.cfg.teacher.request_timeout_s
+
+    def _on_ack(self, ack: ScoreAck) -> None:
+        entry = self.unacked.get(ack.rollout_id)
+        if entry is None:
+            return  # ack of a rollout already retried and acknowledged
+        if ack.ok:
+            del self.unacked[ack.rollout_id]
+        else:
+            logger.warning("actor %d: teacher could not score %s: %s", self.index, ack.rollout_id, ack.error)
+            self._retry(ack.rollout_id)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for rollout_id in [rid for rid, e in self.unacked.items() if e.deadline < now]:
+            logger.warning("actor %d: no score for %s within teacher.request_timeout_s", self.index, rollout_id)
+            self._retry(rollout_id)
+
+    def _retry(self, rollout_id: str) -> None:
+        entry = self.unacked[rollout_id]
+        if entry.attempts < self.cfg.teacher.max_retries:
+            entry.attempts += 1
+            entry.deadline = self._deadline()
+            self.num_retries += 1
+            self.dealer.send(entry.rollout)
+            return
+        del self.unacked[rollout_id]
+        self.num_unscored += 1
+        if self.cfg.teacher.on_failure == "fail":
+            raise RuntimeError(
+                f"rollout {rollout_id} was not scored after {entry.attempts + 1} attempts and "
+                "teacher.on_failure=fail. Fix: check the teacher ranks' logs, raise teacher.request_timeout_s, "
+                "or set teacher.on_failure=drop to resample such slots."
+            )
+        logger.warning("actor %d: dropping unscored %s and sampling its slot again", self.index, rollout_id)
+        self._submit(entry.request)
+
+    def _send_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_stats < _STATS_EVERY_S:
+            return
+        self.last_stats = now
+        self.stats_out.send(ActorStats(
+            actor_index=self.index, policy_version=self.policy_version or 0, tokens_generated=self.tokens_generated,
+            engine_busy_s=self.engine_busy_s, wall_s=now - self.started, weight_sync_s=self.weight_sync_s,
+            num_retries=self.num_retries, num_unscored=self.num_unscored,
+            num_rejected_messages=self.inbox.num_rejected + self.dealer.num_rejected,
+        ))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _handle_messages(self, wait_s: float) -> bool:
+        """Read control messages and acks; False when told to shut down."""
+        for channel in poll([self.inbox, self.dealer], wait_s):
+            while (received := channel.recv(timeout_s=0.0)) is not None:
+                message = received[1]
+                if isinstance(message, WeightUpdate):
+                    self.pending_updates.append(message)
+                elif isinstance(message, ScoreAck):
+                    self._on_ack(message)
+                elif isinstance(message, Shutdown):
+                    logger.info("actor %d: shutdown (%s)", self.index, message.reason)
+                    return False
+                else:
+                    channel.num_rejected += 1
+        return True
+
+    def run(self) -> None:
+        while True:
+            idle = self.engine.num_unfinished == 0 and not self._may_admit() and not self.pending_updates
+            if not self._handle_messages(0.05 if idle else 0.0):
+                return
+            while self.pending_updates and self._may_apply_update():
+                self._apply_update(self.pending_updates.popleft())
+            while self._may_admit():
+                self._admit_group()
+            self._check_deadlines()
+            if self.engine.num_unfinished:
+                start = time.perf_counter()
+                completions = self.engine.step(self.policy_version)
+                self.engine_busy_s += time.perf_counter() - start
+                for completion in completions:
+                    self._finish(completion)
+            self._send_stats()
+
+
+def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str) -> None:
+    """The actor role's main: engine, sockets, weight group, then the loop."""
+    from transformers import AutoTokenizer
+
+    from asyncopd.actor.engine import VllmEngine
+    from asyncopd.tasks import load_task
+
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    task = load_task(cfg.task, tokenizer=tokenizer,
+                     max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens)
+    engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=cfg.actor.seed + index)
+    inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
+    rendezvous.publish(f"actor/{index}/inbox", inbox.address)
+    teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]
+    dealer = Channel(zmq.DEALER, connect=teachers, identity=f"actor-{index}".encode())
+    stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
+    weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
+    rendezvous.barrier("connected")
+    loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
+                     inbox=inbox, dealer=dealer, stats_out=stats_out)
+    try:
+        loop.run()
+    finally:
+        for channel in (inbox, dealer, stats_out):
+            channel.close()
+        engine.shutdown()

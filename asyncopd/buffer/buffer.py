@@ -1,0 +1,142 @@
+"""The bounded, staleness-aware buffer between the teacher pool and the learner.
+
+Pure logic: no sockets, no threads, no torch. The learner loop feeds it scored
+rollouts and asks for the batch of its current step.
+
+Slots. Actors stamp every training rollout with ``batch_index``, the learner step
+it is generated for (actor ``a`` fills ``batch_size / num_actors`` slots of each
+step, whole prompt groups at a time, and never starts a slot more than
+``max_staleness`` steps ahead of its weights). Batch ``k`` is therefore exactly
+the samples stamped ``k``: deterministic, groups kept together. A slot is
+*accounted* once its sample arrived or was dropped, so a drop shrinks a batch
+(counted) instead of stalling the learner.
+
+Rules, each counted in :attr:`stats`:
+
+- a sample whose staleness ``learner_version - policy_version`` exceeds
+  ``max_staleness`` is refused (``dropped_stale``), checked on arrival and again
+  when its batch is taken;
+- a sample for a step already trained is refused (``dropped_late``);
+- a second copy of a rollout (a retried scoring that both teachers finished) is
+  refused (``duplicates``);
+- a sample arriving while ``capacity`` samples are held is refused
+  (``dropped_full``); with slots this only happens on a bug, never silently.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["Sample", "BufferStats", "StalenessBuffer"]
+
+
+class Sample(Protocol):
+    @property
+    def rollout_id(self) -> str: ...
+    @property
+    def batch_index(self) -> int: ...
+    @property
+    def policy_version(self) -> int: ...
+
+
+S = TypeVar("S", bound=Sample)
+
+
+@dataclass(slots=True)
+class BufferStats:
+    accepted: int = 0
+    dropped_stale: int = 0
+    dropped_late: int = 0
+    dropped_full: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    staleness_max: int = 0
+    """Largest staleness of any sample handed to the learner so far."""
+    last_batch_staleness: list[int] = field(default_factory=list)
+
+    def as_metrics(self) -> dict[str, float]:
+        last = self.last_batch_staleness
+        return {
+            "buffer/accepted": self.accepted,
+            "buffer/dropped_stale": self.dropped_stale,
+            "buffer/dropped_late": self.dropped_late,
+            "buffer/dropped_full": self.dropped_full,
+            "buffer/duplicates": self.duplicates,
+            "buffer/staleness_max": max(last) if last else 0,
+            "buffer/staleness_mean": sum(last) / len(last) if last else 0.0,
+            "buffer/staleness_max_overall": self.staleness_max,
+        }
+
+
+class StalenessBuffer(Generic[S]):
+    """Holds scored samples by slot until the learner takes their batch."""
+
+    def __init__(self, *, batch_size: int, max_staleness: int, capacity: int) -> None:
+        if capacity < batch_size:
+            raise ValueError(f"capacity={capacity} is smaller than batch_size={batch_size}")
+        self.batch_size = batch_size
+        self.max_staleness = max_staleness
+        self.capacity = capacity
+        self.stats = BufferStats()
+        self._held: dict[int, list[S]] = defaultdict(list)
+        self._dropped_slots: dict[int, int] = defaultdict(int)
+        self._seen: set[str] = set()
+        self._num_held = 0
+
+    def __len__(self) -> int:
+        return self._num_held
+
+    def staleness(self, sample: S, learner_version: int) -> int:
+        return learner_version - sample.policy_version
+
+    def put(self, sample: S, learner_version: int) -> bool:
+        """Offer one sample; returns whether it was kept."""
+        if sample.rollout_id in self._seen:
+            self.stats.duplicates += 1
+            return False
+        self._seen.add(sample.rollout_id)
+        if sample.batch_index < learner_version:
+            self.stats.dropped_late += 1
+            return False
+        if self.staleness(sample, learner_version) > self.max_staleness:
+            self.stats.dropped_stale += 1
+            self._dropped_slots[sample.batch_index] += 1
+            return False
+        if self._num_held >= self.capacity:
+            self.stats.dropped_full += 1
+            self._dropped_slots[sample.batch_index] += 1
+            return False
+        self._held[sample.batch_index].append(sample)
+        self._num_held += 1
+        self.stats.accepted += 1
+        return True
+
+    def mark_dropped(self, batch_index: int, count: int = 1) -> None:
+        """Account for slots of ``batch_index`` that will never arrive."""
+        self._dropped_slots[batch_index] += count
+
+    def ready(self, learner_version: int) -> bool:
+        accounted = len(self._held.get(learner_version, ())) + self._dropped_slots.get(learner_version, 0)
+        return accounted >= self.batch_size
+
+    def next_batch(self, learner_version: int) -> list[S] | None:
+        """The samples of step ``learner_version`` once all its slots are accounted
+        for, after a last staleness check; None while slots are still missing."""
+        if not self.ready(learner_version):
+            return None
+        candidates = self._held.pop(learner_version, [])
+        self._dropped_slots.pop(learner_version, None)
+        self._num_held -= len(candidates)
+        batch: list[S] = []
+        for sample in candidates:
+            if self.staleness(sample, learner_version) > self.max_staleness:
+                self.stats.dropped_stale += 1
+            else:
+                batch.append(sample)
+        staleness = [self.staleness(s, learner_version) for s in batch]
+        self.stats.last_batch_staleness = staleness
+        self.stats.staleness_max = max([self.stats.staleness_max, *staleness])
+        self.stats.batches += 1
+        return batch

@@ -1,0 +1,189 @@
+"""The entry point: ``torchrun -m asyncopd.launch [hydra overrides]``.
+
+::
+
+    python -m asyncopd.launch ...        compose + validate + build demo models, then
+        └─ torchrun --nproc-per-node=L+A+T -m asyncopd.launch ...
+              rank [0, L)        learner  (FSDP2 group; rank 0: buffer, metrics, weights out)
+              rank [L, L+A)      actor    (vLLM engine)
+              rank [L+A, L+A+T)  teacher  (scorer)
+
+Every rank composes the same config (hydra Compose API: ``configs/<name>.yaml``
+plus overrides), converts it to the typed :class:`~asyncopd.config.JobConfig`
+once, and runs one role. A role that raises exits non-zero with its traceback,
+and torchrun then ends the other ranks. This is the only module that touches
+``os.environ`` (thread budgets, vLLM settings).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from asyncopd.config import ConfigError, JobConfig, from_dict
+
+__all__ = ["main", "compose_config", "resolve_model_paths"]
+
+logger = logging.getLogger("asyncopd.launch")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "default"
+
+
+def _split_args(argv: list[str]) -> tuple[str, Path, list[str]]:
+    name, config_dir, overrides = DEFAULT_CONFIG, CONFIG_DIR, []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("--config-name"):
+            name = arg.split("=", 1)[1] if "=" in arg else next(args)
+        elif arg.startswith("--config-dir"):
+            config_dir = Path(arg.split("=", 1)[1] if "=" in arg else next(args)).resolve()
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg!r}. Fix: pass hydra overrides as key=value, "
+                              "plus optionally --config-name NAME / --config-dir DIR.")
+        else:
+            overrides.append(arg)
+    return name, config_dir, overrides
+
+
+def compose_config(argv: list[str]) -> JobConfig:
+    """Compose ``configs/<name>.yaml`` with overrides into a validated JobConfig."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    name, config_dir, overrides = _split_args(argv)
+    if not (config_dir / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in config_dir.glob("*.yaml"))
+        raise ConfigError(f"--config-name={name!r}: no {config_dir / (name + '.yaml')}. Fix: use one of {known}.")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            composed = compose(config_name=name, overrides=overrides)
+        data = OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"{exc}. Fix: check the spelling of the override (fields are listed in "
+                          "asyncopd/config.py); use key=value for an existing field.") from None
+    return from_dict(data)
+
+
+def resolve_model_paths(cfg: JobConfig) -> tuple[str, str]:
+    """(student, teacher) model directories; builds and caches the demo models when
+    a path is unset; fails clearly on a missing path or mismatched tokenizers."""
+    student, teacher = cfg.model.student.path, cfg.model.teacher.path
+    if student is None or teacher is None:
+        from asyncopd.tasks.demo import ensure_demo_models
+
+        demo_teacher, demo_student = ensure_demo_models(cfg.task)
+        student = student or str(demo_student)
+        teacher = teacher or str(demo_teacher)
+    for field, path in (("model.student.path", student), ("model.teacher.path", teacher)):
+        if Path(path).exists() and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{field}={path!r} has no config.json. Fix: point it at a Hugging Face model "
+                              "directory (save_pretrained output).")
+    check_tokenizers(student, teacher)
+    return student, teacher
+
+
+def check_tokenizers(student: str, teacher: str) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok_s, tok_t = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    except OSError as exc:
+        raise ConfigError(f"cannot load a tokenizer: {exc}. Fix: check model.student.path and "
+                          "model.teacher.path (local Hugging Face directories).") from None
+    vocab_s, vocab_t = tok_s.get_vocab(), tok_t.get_vocab()
+    if vocab_s != vocab_t or tok_s.eos_token_id != tok_t.eos_token_id:
+        differing = sorted(set(vocab_s.items()) ^ set(vocab_t.items()))[:5]
+        raise ConfigError(
+            f"the student ({student}) and teacher ({teacher}) tokenizers differ (vocab sizes {len(vocab_s)} vs "
+            f"{len(vocab_t)}, eos {tok_s.eos_token_id} vs {tok_t.eos_token_id}, e.g. {differing}). On-policy "
+            "distillation scores the student's tokens with the teacher, so both must share one tokenizer. "
+            "Fix: choose a teacher from the student's model family."
+        )
+
+
+def _setup_logging(level: str, tag: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), stream=sys.stderr, force=True,
+                        format=f"%(asctime)s {tag} %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
+    """Not under torchrun: prepare once (demo models), then start the world."""
+    resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    command = [torchrun or "torchrun", "--standalone", f"--nproc-per-node={cfg.cluster.world_size}",
+               "-m", "asyncopd.launch", *argv]
+    logger.info("starting %s", " ".join(command))
+    return subprocess.call(command)
+
+
+def _run_rank(cfg: JobConfig) -> None:
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    cfg.cluster.check_world_size(world_size)
+    role, index = cfg.cluster.role_of(rank)
+    _setup_logging(cfg.run.log_level, f"[{role} {index}]")
+    threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
+               "teacher": cfg.cluster.teacher_threads}[role]
+    if role == "actor":
+        from asyncopd.actor.engine import engine_environment
+
+        os.environ.update(engine_environment(threads))
+    import torch
+
+    torch.set_num_threads(threads)
+    student, teacher = resolve_model_paths(cfg)
+    from asyncopd.tasks import load_task
+    from asyncopd.transport.discovery import Rendezvous
+
+    rendezvous = Rendezvous.from_env(cfg.cluster.startup_timeout_s)
+    if role == "learner":
+        from asyncopd.buffer import StalenessBuffer
+        from asyncopd.learner.worker import run_learner
+
+        buffer = StalenessBuffer(batch_size=cfg.learner.batch_size, max_staleness=cfg.async_.max_staleness,
+                                 capacity=cfg.buffer_capacity)
+        task = load_task(cfg.task)
+        run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()))
+    elif role == "actor":
+        from asyncopd.actor.worker import run_actor
+
+        run_actor(cfg, index, rendezvous, student)
+    else:
+        from asyncopd.teacher.worker import run_teacher
+
+        run_teacher(cfg, index, rendezvous, teacher)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
+    _setup_logging("INFO", "[launch]")
+    try:
+        cfg = compose_config(argv)
+        if not under_torchrun:
+            return _spawn_torchrun(cfg, argv)
+        _run_rank(cfg)
+    except ConfigError as exc:
+        logger.error("configuration error: %s", exc)
+        return 2
+    except Exception:
+        logger.exception("role failed")
+        sys.stderr.flush()
+        return 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo threads can abort the interpreter at exit after the work is done (see
+    # shared/notes/fsdp-cpu.md); leave at once instead.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Everything learner rank 0 does besides computing: its inbox, the buffer, eval
+results, actor telemetry, weight announcements and shutdown.
+
+::
+
+    teachers ─ScoredRollout─┐                      ┌─> buffer (train) ─> batch of step k
+    actors  ──ActorStats────┴─> PULL inbox ─> route ┼─> EvalAccumulator (eval_*)
+                                                    └─> latest ActorStats per actor
+    WeightUpdate / Shutdown ─> PUSH to each actor's and teacher's control inbox
+
+The buffer is injected by the launcher (roles do not import each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from asyncopd.config import JobConfig
+from asyncopd.learner.evaluation import EvalAccumulator
+from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.sockets import Channel
+from asyncopd.types import ActorStats, ScoredRollout, Shutdown, WeightUpdate
+
+__all__ = ["LearnerIO"]
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerIO:
+    def __init__(self, cfg: JobConfig, rendezvous: Rendezvous, *, buffer, evaluation: EvalAccumulator,
+                 on_eval: Callable[[dict[str, float]], None]) -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.evaluation = evaluation
+        self.on_eval = on_eval
+        self.inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
+        rendezvous.publish("learner/inbox", self.inbox.address)
+        self.actor_controls = [Channel(zmq.PUSH, connect=[rendezvous.lookup(f"actor/{i}/inbox")])
+                               for i in range(cfg.cluster.actors)]
+        self.teacher_controls = [Channel(zmq.PUSH, connect=[rendezvous.lookup(f"teacher/{j}/inbox")])
+                                 for j in range(cfg.cluster.teachers)]
+        self.actor_stats: dict[int, ActorStats] = {}
+        self.num_unexpected = 0
+        self.last_eval: dict[str, float] = {}
+
+    def pump(self, timeout_s: float, learner_version: int) -> None:
+        """Route whatever arrives within ``timeout_s`` (then everything queued)."""
+        received = self.inbox.recv(timeout_s=timeout_s)
+        while received is not None:
+            message = received[1]
+            if isinstance(message, ScoredRollout):
+                if message.rollout.kind == "train":
+                    self.buffer.put(message, learner_version)
+                else:
+                    metrics = self.evaluation.add(message)
+                    if metrics is not None:
+                        self.last_eval = metrics
+                        self.on_eval(metrics)
+            elif isinstance(message, ActorStats):
+                self.actor_stats[message.actor_index] = message
+            else:
+                self.num_unexpected += 1
+                logger.warning("learner inbox: ignored a %s", type(message).__name__)
+            received = self.inbox.recv(timeout_s=0.0)
+
+    def wait_batch(self, step: int) -> list[ScoredRollout]:
+        while (batch := self.buffer.next_batch(step)) is None:
+            self.pump(0.05, step)
+        return batch
+
+    def wait_eval(self, version: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.evaluation.pending(version):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"evaluation of policy version {version} did not complete within {timeout_s:g}s. "
+                    "Fix: check the actor/teacher logs, or raise teacher.request_timeout_s."
+                )
+            self.pump(0.05, version)
+
+    def announce(self, update: WeightUpdate) -> None:
+        for channel in self.actor_controls:
+            channel.send(update)
+
+    def shutdown(self, policy_version: int, reason: str) -> None:
+        for channel in (*self.actor_controls, *self.teacher_controls):
+            channel.send(Shutdown(policy_version=policy_version, reason=reason))
+
+    def actor_metrics(self, previous: dict[int, ActorStats]) -> dict[str, Any]:
+        stats = list(self.actor_stats.values())
+        if not stats:
+            return {}
+        rate = 0.0
+        for s in stats:
+            before = previous.get(s.actor_index)
+            if before is not None and s.wall_s > before.wall_s:
+                rate += (s.tokens_generated - before.tokens_generated) / (s.wall_s - before.wall_s)
+        return {
+            "actor/tokens_per_s": rate,
+            "actor/tokens_generated": sum(s.tokens_generated for s in stats),
+            "actor/engine_busy_s": max(s.engine_busy_s for s in stats),
+            "actor/weight_sync_s": max(s.weight_sync_s for s in stats),
+            "actor/retries": sum(s.num_retries for s in stats),
+            "actor/rollouts_unscored": sum(s.num_unscored for s in stats),
+            "actor/rejected_messages": sum(s.num_rejected_messages for s in stats),
+            "actor/policy_version_min": min(s.policy_version for s in stats),
+        }
+
+    def close(self) -> None:
+        for channel in (self.inbox, *self.actor_controls, *self.teacher_controls):
+            channel.close()

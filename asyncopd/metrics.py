@@ -1,0 +1,75 @@
+"""The only place that writes metrics: JSONL in the run directory, wandb (offline
+unless asked) and the console progress bar. Used by learner rank 0.
+
+Metric keys are namespaced (``learner/…``, ``actor/…``, ``teacher/…``,
+``buffer/…``, ``timing/…``, ``eval/…``). One JSONL line per call of
+:meth:`MetricsWriter.log`, flushed at once, so a crashed run keeps its history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+__all__ = ["MetricsWriter"]
+
+logger = logging.getLogger(__name__)
+
+_BAR_KEYS = {"learner/rkl": "rkl", "buffer/staleness_max": "stale", "timing/step_s": "step_s"}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, *, config: dict[str, Any], total_steps: int, initial_step: int,
+                 wandb_mode: str, progress: bool, run_name: str) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._wandb = None
+        if wandb_mode != "disabled":
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project="asyncopd", name=run_name, dir=str(run_dir), mode=wandb_mode,
+                                         config=config, settings=wandb.Settings(silent=True))
+            except Exception as exc:  # metrics must never take the job down
+                logger.warning("wandb is unavailable (%s); metrics go to metrics.jsonl only", exc)
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="asyncopd", unit="step",
+                         dynamic_ncols=True) if progress else None
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def advance(self, metrics: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        shown = {short: f"{metrics[key]:.3g}" for key, short in _BAR_KEYS.items()
+                 if isinstance(metrics.get(key), (int, float))}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(1)
+
+    def write_line(self, text: str) -> None:
+        """A message on the console that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            logger.info("%s", text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()

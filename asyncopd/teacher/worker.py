@@ -1,0 +1,123 @@
+"""A teacher-pool worker: receives rollouts, scores them, forwards the scores.
+
+Data flow (one direction)::
+
+    actor DEALER ──Rollout──> ROUTER [this worker] ──ScoredRollout──> PUSH ─> learner inbox
+                 <─ScoreAck──
+
+The worker drains everything queued on its ROUTER (up to the token budget, so
+batching follows load without adding latency), scores it in one or more
+forwards, forwards each :class:`ScoredRollout` to the learner and acknowledges
+each rollout to the actor that sent it. A rollout that fails to score is
+acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
+keeps serving. It exits on :class:`Shutdown` from the learner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from asyncopd.config import JobConfig
+from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
+from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.sockets import Channel, poll
+from asyncopd.types import Rollout, ScoreAck, ScoredRollout, Shutdown
+
+__all__ = ["TeacherWorker", "run_teacher"]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherWorker:
+    """Serves one scorer on a ROUTER socket."""
+
+    def __init__(self, scorer: Scorer, *, index: int, host: str, max_batch_tokens: int) -> None:
+        self.scorer = scorer
+        self.index = index
+        self.max_batch_tokens = max_batch_tokens
+        self.router = Channel(zmq.ROUTER, bind_host=host)
+        self.inbox = Channel(zmq.PULL, bind_host=host)
+        self.to_learner: Channel | None = None
+        self.num_scored = 0
+        self.num_failed = 0
+
+    def connect_learner(self, address: str) -> None:
+        self.to_learner = Channel(zmq.PUSH, connect=[address])
+
+    def _drain(self) -> list[tuple[bytes, Rollout]]:
+        pending: list[tuple[bytes, Rollout]] = []
+        tokens = 0
+        while tokens < self.max_batch_tokens:
+            received = self.router.recv(timeout_s=0.0)
+            if received is None:
+                break
+            identity, message = received
+            if not isinstance(message, Rollout) or identity is None:
+                self.router.num_rejected += 1
+                logger.warning("teacher %d: ignored a %s on its rollout socket", self.index, type(message).__name__)
+                continue
+            pending.append((identity, message))
+            tokens += message.num_tokens
+        return pending
+
+    def serve_once(self, timeout_s: float = 0.5) -> bool:
+        """Handle what arrived within ``timeout_s``; False once told to shut down."""
+        for channel in poll([self.router, self.inbox], timeout_s):
+            if channel is self.inbox:
+                received = self.inbox.recv(timeout_s=0.0)
+                if received is not None and isinstance(received[1], Shutdown):
+                    logger.info("teacher %d: shutdown (%s)", self.index, received[1].reason)
+                    return False
+            else:
+                self._score(self._drain())
+        return True
+
+    def _score(self, pending: list[tuple[bytes, Rollout]]) -> None:
+        assert self.to_learner is not None, "connect_learner() first"
+        sender = {r.rollout_id: identity for identity, r in pending}
+        for group in split_by_token_budget([r for _, r in pending], self.max_batch_tokens):
+            start = time.perf_counter()
+            try:
+                scores = self.scorer.score(group)
+            except Exception as exc:  # a bad batch must not take the pool down
+                logger.exception("teacher %d: scoring %d rollouts failed", self.index, len(group))
+                self.num_failed += len(group)
+                for r in group:
+                    ack = ScoreAck(rollout_id=r.rollout_id, ok=False, policy_version=r.policy_version,
+                                   error=f"{type(exc).__name__}: {exc}"[:500])
+                    self.router.send(ack, identity=sender[r.rollout_id])
+                continue
+            seconds = time.perf_counter() - start
+            group_tokens = sum(r.num_tokens for r in group)
+            for r, lp in zip(group, scores):
+                share = seconds * r.num_tokens / group_tokens
+                self.to_learner.send(ScoredRollout(rollout=r, teacher_logprobs=lp, teacher_index=self.index,
+                                                   score_s=share, policy_version=r.policy_version))
+                self.router.send(ScoreAck(rollout_id=r.rollout_id, ok=True, policy_version=r.policy_version),
+                                 identity=sender[r.rollout_id])
+            self.num_scored += len(group)
+
+    def close(self) -> None:
+        for channel in (self.router, self.inbox, self.to_learner):
+            if channel is not None:
+                channel.close()
+
+
+def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str) -> None:
+    """The teacher role's main: bind, publish, connect, serve until shutdown."""
+    scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype)
+    worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=cfg.teacher.max_batch_tokens)
+    try:
+        rendezvous.publish(f"teacher/{index}/router", worker.router.address)
+        rendezvous.publish(f"teacher/{index}/inbox", worker.inbox.address)
+        worker.connect_learner(rendezvous.lookup("learner/inbox"))
+        rendezvous.barrier("connected")
+        logger.info("teacher %d: serving on %s", index, worker.router.address)
+        while worker.serve_once():
+            pass
+        logger.info("teacher %d: scored %d rollouts, %d failed", index, worker.num_scored, worker.num_failed)
+    finally:
+        worker.close()

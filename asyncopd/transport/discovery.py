@@ -1,0 +1,67 @@
+"""Endpoint discovery and start-up barriers over torchrun's rendezvous store.
+
+Every role binds its sockets on an OS-chosen port, publishes the address under a
+well-known key, and looks its peers up the same way; nobody types addresses.
+The store is the one torchrun already runs (``dist.rendezvous("env://")``).
+
+This module does not open sockets; it only moves strings through the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = ["Rendezvous"]
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "asyncopd"
+
+
+class Rendezvous:
+    """The job's key-value store plus this process's rank and the world size."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        store.set_timeout(timedelta(seconds=timeout_s))
+
+    @classmethod
+    def from_env(cls, timeout_s: float) -> "Rendezvous":
+        """Connect to torchrun's store (MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE)."""
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+        return cls(store, rank, world_size, timeout_s)
+
+    def publish(self, key: str, value: str) -> None:
+        self.store.set(f"{_PREFIX}/{key}", value)
+
+    def lookup(self, key: str) -> str:
+        """The value published under ``key``; waits up to ``timeout_s`` for it."""
+        try:
+            return self.store.get(f"{_PREFIX}/{key}").decode()
+        except RuntimeError as exc:  # the store raises on timeout
+            raise TimeoutError(
+                f"no peer published {key!r} within cluster.startup_timeout_s={self.timeout_s:g}s "
+                f"(rank {self.rank}). A peer may have died during start-up (see its traceback), "
+                "or start-up is slow: raise cluster.startup_timeout_s."
+            ) from exc
+
+    def barrier(self, name: str) -> None:
+        """Block until all ranks reached the barrier ``name`` (used once per name)."""
+        key = f"{_PREFIX}/barrier/{name}"
+        arrived = self.store.add(key, 1)
+        deadline = time.monotonic() + self.timeout_s
+        while arrived < self.world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"barrier {name!r}: {arrived}/{self.world_size} ranks arrived within "
+                    f"cluster.startup_timeout_s={self.timeout_s:g}s; a peer died or is stuck."
+                )
+            time.sleep(0.05)
+            arrived = self.store.add(key, 0)

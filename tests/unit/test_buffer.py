@@ -1,0 +1,74 @@
+"""The staleness buffer: slots, staleness bound, duplicates, capacity — all counted."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from asyncopd.buffer import StalenessBuffer
+
+
+@dataclass(frozen=True)
+class S:
+    rollout_id: str
+    batch_index: int
+    policy_version: int
+
+
+def fill(buffer: StalenessBuffer, batch_index: int, n: int, version: int, learner_version: int, tag: str = "") -> None:
+    for i in range(n):
+        buffer.put(S(f"{tag}{batch_index}-{i}", batch_index, version), learner_version)
+
+
+def test_batch_is_released_only_when_all_slots_are_accounted_for() -> None:
+    buffer = StalenessBuffer(batch_size=4, max_staleness=1, capacity=12)
+    fill(buffer, 0, 3, version=0, learner_version=0)
+    assert buffer.next_batch(0) is None
+    fill(buffer, 1, 4, version=0, learner_version=0)  # the next step's samples do not complete step 0
+    assert buffer.next_batch(0) is None
+    buffer.put(S("last", 0, 0), 0)
+    batch = buffer.next_batch(0)
+    assert batch is not None and len(batch) == 4 and {s.batch_index for s in batch} == {0}
+    assert len(buffer) == 4
+
+
+def test_sample_staler_than_bound_is_refused_and_counted() -> None:
+    buffer = StalenessBuffer(batch_size=2, max_staleness=1, capacity=8)
+    assert buffer.put(S("ok", 3, 2), learner_version=3)        # staleness 1
+    assert not buffer.put(S("stale", 3, 1), learner_version=3)  # staleness 2
+    assert buffer.stats.dropped_stale == 1
+    batch = buffer.next_batch(3)  # the dropped slot is accounted: a smaller batch, no stall
+    assert [s.rollout_id for s in batch] == ["ok"]
+    assert buffer.stats.as_metrics()["buffer/staleness_max"] == 1
+
+
+def test_staleness_is_checked_again_when_the_batch_is_taken() -> None:
+    buffer = StalenessBuffer(batch_size=1, max_staleness=0, capacity=4)
+    assert buffer.put(S("a", 2, 1), learner_version=1)  # fresh on arrival (staleness 0)
+    assert buffer.next_batch(2) == []                   # staleness 1 > 0 by the time step 2 runs
+    assert buffer.stats.dropped_stale == 1
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2])
+def test_released_batches_never_exceed_the_bound(eta: int) -> None:
+    buffer = StalenessBuffer(batch_size=2, max_staleness=eta, capacity=2 * (eta + 2))
+    for step in range(6):
+        for batch_index in range(step, step + eta + 1):
+            fill(buffer, batch_index, 2, version=max(0, batch_index - eta), learner_version=step, tag=f"s{step}-")
+        batch = buffer.next_batch(step)
+        assert batch is not None
+        assert all(step - s.policy_version <= eta for s in batch)
+    assert buffer.stats.staleness_max <= eta
+
+
+def test_duplicates_late_samples_and_overflow_are_counted() -> None:
+    buffer = StalenessBuffer(batch_size=2, max_staleness=1, capacity=2)
+    assert buffer.put(S("a", 0, 0), 0)
+    assert not buffer.put(S("a", 0, 0), 0)
+    assert buffer.stats.duplicates == 1
+    assert buffer.put(S("b", 1, 0), 0)
+    assert not buffer.put(S("c", 1, 0), 0)  # full
+    assert buffer.stats.dropped_full == 1
+    buffer.mark_dropped(0)
+    assert len(buffer.next_batch(0)) == 1
+    assert not buffer.put(S("late", 0, 0), 1)
+    assert buffer.stats.dropped_late == 1
