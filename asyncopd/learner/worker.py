@@ -92,9 +92,10 @@ class Learner:
         self.model = load_student(student_path, torch.float32)  # fp32 master weights; compute in param_dtype
         shard_model(self.model, make_mesh("cpu"), _DTYPES[cfg.learner.param_dtype])
         self.optimizer = make_optimizer(self.model, cfg.learner)
-        self.policy_version = self._maybe_resume()
+        resumed = self._maybe_resume()
+        self.policy_version = int(resumed.get("policy_version", 0))
         self.start_version = self.policy_version
-        self.samples_trained = 0
+        self.samples_trained = int(resumed.get("samples_trained", 0))
         self.io: LearnerIO | None = None
         self.metrics: MetricsWriter | None = None
         self.evals: dict[int, dict[str, float]] = {}
@@ -112,10 +113,10 @@ class Learner:
         self.weight_group = (WeightGroup(rendezvous.store, 0, 1 + cfg.cluster.actors,
                                          cfg.learner.weight_sync_timeout_s) if index == 0 else None)
 
-    def _maybe_resume(self) -> int:
+    def _maybe_resume(self) -> dict[str, Any]:
         resume = self.cfg.learner.resume
         if resume is None:
-            return 0
+            return {}
         path = latest_checkpoint(self.run_dir) if resume == "latest" else Path(resume)
         if path is None:
             raise FileNotFoundError(f"learner.resume=latest but {self.run_dir}/checkpoints holds no complete "
@@ -123,7 +124,7 @@ class Learner:
         extra = load_checkpoint(path, self.model, self.optimizer)
         torch.set_rng_state(torch.tensor(extra["torch_rng_state"], dtype=torch.uint8))
         logger.info("resumed from %s at policy version %d", path, extra["policy_version"])
-        return int(extra["policy_version"])
+        return extra
 
     def _on_eval(self, metrics: dict[str, float]) -> None:
         version = int(metrics["eval/policy_version"])

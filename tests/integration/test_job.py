@@ -1,0 +1,106 @@
+"""The whole job under torchrun with tiny random models: it completes, respects the
+staleness bound, writes metrics, a checkpoint and an HF export, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncopd.tasks.tiny import save_tiny_model
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    student = save_tiny_model(root / "student", seed=1, hidden_size=32, num_layers=2)
+    teacher = save_tiny_model(root / "teacher", seed=2, hidden_size=48, num_layers=2)
+    return str(student), str(teacher)
+
+
+def run_job(run_dir: Path, models: tuple[str, str], *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    student, teacher = models
+    command = [sys.executable, "-m", "asyncopd.launch", "--config-name", "tiny",
+               f"model.student.path={student}", f"model.teacher.path={teacher}", f"run.dir={run_dir}", *overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        print(result.stdout[-5000:], result.stderr[-15000:], sep="\n")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run(run_dir: Path, *, eta: int, steps: int, batch: int) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["policy_version"] == steps
+    assert summary["samples_trained"] == steps * batch
+    assert summary["samples_dropped_stale"] == 0
+    assert summary["buffer/staleness_max"] <= eta
+    assert summary["eval/accuracy_before"] is not None and summary["eval/rkl_after"] is not None
+    records = read_metrics(run_dir)
+    steps_logged = [r for r in records if "learner/loss" in r]
+    assert [r["step"] for r in steps_logged][-steps:] == list(range(summary["start_policy_version"] + 1, steps + 1))
+    for r in steps_logged:
+        assert r["buffer/staleness_max"] <= eta
+        for key in ("learner/rkl", "learner/is_clip_frac", "actor/tokens_per_s", "teacher/score_s",
+                    "timing/step_s", "timing/weight_sync_s"):
+            assert key in r, key
+    assert (run_dir / "config.yaml").is_file()
+    return summary
+
+
+def test_synchronous_fixed_lag_job_with_two_learner_ranks(tmp_path, models) -> None:
+    run_dir = tmp_path / "sync"
+    result = run_job(run_dir, models, "async.max_staleness=0", "async.schedule=fixed_lag", "cluster.learners=2")
+    assert result.returncode == 0
+    check_run(run_dir, eta=0, steps=4, batch=8)
+    assert (run_dir / "hf" / "config.json").is_file()
+
+
+def test_off_by_one_job_checkpoints_exports_and_resumes(tmp_path, models) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "async"
+    result = run_job(run_dir, models, "async.max_staleness=1", "learner.checkpoint_every=2")
+    assert result.returncode == 0
+    check_run(run_dir, eta=1, steps=4, batch=8)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    exported = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"))
+    assert exported.config.vocab_size == 98
+
+    resumed = run_job(run_dir, models, "async.max_staleness=1", "learner.resume=latest", "learner.num_steps=6")
+    assert resumed.returncode == 0
+    summary = check_run(run_dir, eta=1, steps=6, batch=8)
+    assert summary["start_policy_version"] == 4
+    assert (run_dir / "checkpoints" / "step_6").is_dir()
+
+
+def test_impossible_config_fails_before_any_process_starts(tmp_path, models) -> None:
+    result = run_job(tmp_path / "bad", models, "async.max_staleness=-1", timeout=120)
+    assert result.returncode == 2
+    assert "async.max_staleness=-1" in result.stderr and "Fix" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_mismatched_tokenizers_are_a_startup_error(tmp_path, models) -> None:
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other_teacher"
+    save_tiny_model(other, seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(str(other))
+    result = run_job(tmp_path / "mismatch", (models[0], str(other)), timeout=120)
+    assert result.returncode == 2
+    assert "tokenizers differ" in result.stderr
