@@ -132,13 +132,21 @@ def _run_rank(cfg: JobConfig) -> None:
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
     threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
                "teacher": cfg.cluster.teacher_threads}[role]
+    # Quiet third-party chatter unless debugging (a user's own setting wins).
+    if cfg.run.log_level != "DEBUG":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if role == "actor":
         from asyncopd.actor.engine import engine_environment
 
         os.environ.update(engine_environment(threads))
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(threads)
+    if cfg.run.log_level != "DEBUG":
+        hf_logging.disable_progress_bar()
     student, teacher = resolve_model_paths(cfg)
     from asyncopd.tasks import load_task
     from asyncopd.transport.discovery import Rendezvous

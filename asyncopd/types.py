@@ -110,6 +110,14 @@ class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
         if self.policy_version != self.rollout.policy_version:
             raise ValueError("policy_version differs from the rollout's")
 
+    @property
+    def rollout_id(self) -> str:
+        return self.rollout.rollout_id
+
+    @property
+    def batch_index(self) -> int:
+        return self.rollout.batch_index
+
 
 class ScoreAck(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """Teacher -> actor: the rollout was scored (and forwarded) or could not be."""

@@ -83,6 +83,7 @@ class Learner:
 
     def __init__(self, cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
                  buffer, num_eval_prompts: int) -> None:
+        self.created = time.perf_counter()
         self.cfg, self.index, self.rendezvous = cfg, index, rendezvous
         self.world = cfg.cluster.learners
         self.student_path = student_path
@@ -183,8 +184,8 @@ class Learner:
         return metrics
 
     def run(self) -> dict[str, Any] | None:
-        started = time.perf_counter()
         self.rendezvous.barrier("connected")
+        started = time.perf_counter()
         self.publish_weights()  # actors start from the learner's weights (also after a resume)
         previous_stats: dict = {}
         while self.policy_version < self.cfg.learner.num_steps:
@@ -199,12 +200,12 @@ class Learner:
             return None
         if self.cfg.eval.enabled:
             self.io.wait_eval(self.policy_version, self.cfg.teacher.request_timeout_s * 4)
-        summary = self._summary(time.perf_counter() - started)
+        summary = self._summary(wall_s=time.perf_counter() - self.created, train_wall_s=time.perf_counter() - started)
         self.io.shutdown(self.policy_version, "training finished")
         self.metrics.close()
         return summary
 
-    def _summary(self, wall_s: float) -> dict[str, Any]:
+    def _summary(self, *, wall_s: float, train_wall_s: float) -> dict[str, Any]:
         before = self.evals.get(self.start_version, {})
         after = self.evals.get(self.policy_version, {})
         stats = self.io.buffer.stats
@@ -222,6 +223,7 @@ class Learner:
             "policy_version": self.policy_version,
             "start_policy_version": self.start_version,
             "wall_s": wall_s,
+            "train_wall_s": train_wall_s,
             **{k: v for k, v in self.io.actor_metrics({}).items() if k != "actor/tokens_per_s"},
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -15,8 +15,11 @@ from asyncopd.tasks.tokenizer import build_char_tokenizer
 __all__ = ["tiny_config", "save_tiny_model"]
 
 
-def tiny_config(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+def tiny_config(*, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, num_kv_heads: int = 1,
                 intermediate_size: int | None = None, max_positions: int = 256) -> Qwen2Config:
+    if hidden_size % num_heads or hidden_size // num_heads < 32:
+        raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} gives a head size below 32, which "
+                         "vLLM's CPU attention does not support. Fix: fewer heads or a larger hidden size.")
     tokenizer = build_char_tokenizer()
     return Qwen2Config(
         vocab_size=len(tokenizer),

@@ -1,0 +1,381 @@
+"""The actor's vLLM engine, run in-process and stepped by hand.
+
+:class:`VllmEngine` wraps vLLM's V1 ``LLMEngine`` (continuous batching) so that the
+actor loop decides what happens between two engine steps: which prompts are admitted
+(:meth:`VllmEngine.add`), when one step runs (:meth:`VllmEngine.step`) and when new
+weights are applied (:meth:`VllmEngine.load_weights`). Every generated token comes
+back with its behaviour log-prob (the log-prob under the distribution actually
+sampled: temperature and top-p applied, vLLM's ``processed_logprobs``) and the
+``policy_version`` of the step that produced it.
+
+Weights are loaded in place through the worker's ``reload_weights`` (vLLM's
+layerwise reload, the one path that works on the CPU build as well as on CUDA), after
+the whole payload has been checked against the model's parameter names and shapes: a
+reload that fails half-way leaves layers on the meta device and kills the engine.
+After every load the KV cache is dropped, and requests in flight are re-prefilled
+with the new weights, so every token is sampled from exactly one policy version.
+
+This module does not tokenize, talk to other roles, compute rewards or decide
+admission (staleness); that is the actor loop's job. It does not touch
+``os.environ`` either: :func:`engine_environment` says what the launcher must set
+before the engine is built (in particular ``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+tensors handed to an engine in another process would be serialised, and mangled).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from asyncopd.config import ActorConfig
+
+if TYPE_CHECKING:  # vLLM takes seconds to import; only the engine itself needs it.
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+__all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment"]
+
+logger = logging.getLogger(__name__)
+
+_WARMUP_REQUEST_ID = "__asyncopd_warmup__"
+_MAX_LISTED_PROBLEMS = 8
+
+
+def engine_environment(threads: int) -> dict[str, str]:
+    """Environment variables the launcher sets before a :class:`VllmEngine` is built.
+
+    ``threads`` is the number of compute threads of the engine (``cluster.actor_threads``).
+    On CUDA machines only the in-process switch is returned.
+    """
+    if threads < 1:
+        raise ValueError(f"threads={threads}: an engine needs at least one thread. Fix: pass threads >= 1.")
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process: weights are passed by reference
+    if not torch.cuda.is_available():
+        # In-process, vLLM's own core binding never runs (it lives in the multiprocess
+        # executor); "nobind" says so explicitly, and the OpenMP pool size is ours.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+class WeightPayloadError(ValueError):
+    """A weight payload that cannot be loaded; nothing was loaded and the engine is intact."""
+
+
+@dataclass(slots=True)
+class Completion:
+    """One finished request. All arrays share the length of ``token_ids``."""
+
+    request_id: str
+    token_ids: np.ndarray
+    """int32 [n]: the generated tokens, the final EOS included when finish_reason is "stop"."""
+    logprobs: np.ndarray
+    """float32 [n]: behaviour log-prob of each token under the distribution it was sampled from."""
+    token_policy_versions: np.ndarray
+    """int32 [n]: the policy_version of the weights that produced each token."""
+    finish_reason: str
+    """"stop" (EOS sampled), "length" (max_new_tokens reached) or "abort"."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)
+
+    def complete(self, request_id: str, finish_reason: str) -> Completion:
+        return Completion(
+            request_id=request_id,
+            token_ids=np.asarray(self.token_ids, dtype=np.int32),
+            logprobs=np.asarray(self.logprobs, dtype=np.float32),
+            token_policy_versions=np.asarray(self.policy_versions, dtype=np.int32),
+            finish_reason=finish_reason,
+        )
+
+
+class VllmEngine:
+    """One in-process vLLM engine sampling from the student; see the module docstring."""
+
+    def __init__(self, model_path: str, cfg: ActorConfig, *, dtype: str = "float32", seed: int = 0) -> None:
+        start = time.perf_counter()
+        self._cfg = cfg
+        self._pending: dict[str, _Pending] = {}
+        self._dead_reason = ""
+        self._expected_shapes, self._tied_embeddings, vocab_size, head_dim = _describe_model(model_path)
+        self._vocab_size = vocab_size
+        self._check_environment(head_dim)
+        # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op;
+        # shutdown() puts the original back for whoever shares this process afterwards.
+        self._torch_set_num_threads = torch.set_num_threads
+        self._llm: LLMEngine | None = _build_engine(model_path, cfg, dtype=dtype, seed=seed)
+        self._sampling_params = _sampling_params_factory(cfg)
+        self.eos_token_id: int | None = self._engine.get_tokenizer().eos_token_id
+        """Sampling this token ends a request with finish_reason "stop" (it is returned)."""
+        self._warm_up()
+        self.startup_s = time.perf_counter() - start
+        logger.info("vLLM engine for %s ready in %.1f s (max_num_seqs=%d, kv_cache_gib=%g)",
+                    model_path, self.startup_s, cfg.max_num_seqs, cfg.kv_cache_gib)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt accepted: actor.max_model_len - actor.max_new_tokens."""
+        return self._cfg.max_model_len - self._cfg.max_new_tokens
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests added and not yet returned by :meth:`step` or :meth:`abort`."""
+        return len(self._pending)
+
+    def add(self, request_id: str, prompt_ids: Sequence[int], *, greedy: bool = False,
+            seed: int | None = None, temperature: float | None = None) -> None:
+        """Queue one request; it starts on a following :meth:`step` (continuous batching).
+
+        ``greedy`` samples at temperature 0; ``seed`` makes the sampled tokens reproducible;
+        ``temperature`` overrides ``actor.temperature`` for this request (evaluation samples
+        at 1.0, so their log-probs are the student's own distribution).
+        """
+        if request_id in self._pending or request_id == _WARMUP_REQUEST_ID:
+            raise ValueError(f"request_id {request_id!r} is already in flight (or reserved). "
+                             "Fix: use a unique id per request.")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError(f"request {request_id!r} has an empty prompt. Fix: give at least one token.")
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {len(prompt)} tokens exceeds the limit of "
+                f"{self.max_prompt_tokens} (actor.max_model_len={self._cfg.max_model_len} - "
+                f"actor.max_new_tokens={self._cfg.max_new_tokens}). Fix: raise actor.max_model_len "
+                "or lower actor.max_new_tokens, or shorten the prompt; prompts are never truncated."
+            )
+        bad = [t for t in prompt if not 0 <= t < self._vocab_size]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {self._vocab_size}). Fix: tokenize with the student's tokenizer.")
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(greedy=greedy, seed=seed, temperature=temperature)
+        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+        self._pending[request_id] = _Pending()
+
+    def step(self, policy_version: int) -> list[Completion]:
+        """Run one engine step; its tokens are tagged with ``policy_version``.
+
+        Returns the requests that finished in this step.
+        """
+        if not self._pending:
+            return []
+        finished: list[Completion] = []
+        for output in self._engine.step():
+            pending = self._pending.get(output.request_id)
+            if pending is None:  # the warm-up request, or one aborted meanwhile
+                continue
+            sample = output.outputs[0]
+            new_ids = sample.token_ids  # DELTA: only this step's tokens
+            if sample.logprobs is None or len(sample.logprobs) != len(new_ids):
+                raise RuntimeError(f"vLLM returned {len(new_ids)} tokens for {output.request_id!r} without "
+                                   "one log-prob each; SamplingParams(logprobs=0) was not honoured.")
+            for token_id, entry in zip(new_ids, sample.logprobs):
+                pending.token_ids.append(token_id)
+                pending.logprobs.append(entry[token_id].logprob)
+            pending.policy_versions.extend([policy_version] * len(new_ids))
+            if output.finished:
+                del self._pending[output.request_id]
+                finished.append(pending.complete(output.request_id, str(sample.finish_reason)))
+        return finished
+
+    def abort(self, request_id: str) -> Completion:
+        """Stop a request in flight and return what it generated so far (finish_reason "abort")."""
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            raise KeyError(f"request {request_id!r} is not in flight (finished, aborted or never added).")
+        self._engine.abort_request([request_id])
+        return pending.complete(request_id, "abort")
+
+    def abort_all(self) -> list[Completion]:
+        """Abort every request in flight; returns their partial completions."""
+        return [self.abort(request_id) for request_id in list(self._pending)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Replace every weight in place with ``(HF parameter name, tensor)`` pairs; returns seconds.
+
+        The payload must name every parameter of the model once (``lm_head.weight`` may be
+        left out when the embeddings are tied; it is then taken from the embedding). It is
+        checked before anything is loaded: a bad payload raises :class:`WeightPayloadError`
+        and leaves the engine as it was. Requests in flight continue with the new weights,
+        their KV recomputed.
+        """
+        start = time.perf_counter()
+        items = self._checked_payload(named_tensors)
+        engine = self._engine
+        try:
+            engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        except Exception as exc:
+            # Layers may now sit on the meta device; any further step would die obscurely.
+            self._llm = None
+            self._dead_reason = f"a weight reload failed half-way ({type(exc).__name__}: {exc})"
+            raise RuntimeError(f"{self._dead_reason}; the engine is unusable. Fix: restart the actor "
+                               "and check the payload that caused it.") from exc
+        # Cached and running KV were computed by the old weights; preempt the running
+        # requests so they are re-prefilled (otherwise the reset is refused while any run).
+        if not self._engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load; "
+                               "new tokens would attend to KV from the old weights.")
+        elapsed = time.perf_counter() - start
+        logger.debug("loaded %d tensors in %.3f s", len(items), elapsed)
+        return elapsed
+
+    def shutdown(self) -> None:
+        """Release the engine (its KV cache and vLLM's own process group). Idempotent."""
+        if getattr(self, "_llm", None) is None:
+            return
+        self.abort_all()
+        self._engine.engine_core.shutdown()
+        self._llm = None
+        self._dead_reason = "it was shut down"
+        torch.set_num_threads = self._torch_set_num_threads
+
+    # -- internals -------------------------------------------------------------------
+
+    @property
+    def _engine(self) -> LLMEngine:
+        if self._llm is None:
+            raise RuntimeError(f"this VllmEngine is unusable: {self._dead_reason}. Fix: build a new one.")
+        return self._llm
+
+    def _check_environment(self, head_dim: int) -> None:
+        from vllm import envs
+
+        if envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            raise RuntimeError(
+                "VLLM_ENABLE_V1_MULTIPROCESSING is on, but VllmEngine hands tensors to the engine by "
+                "reference and needs it in-process. Fix: set the variables of "
+                "asyncopd.actor.engine.engine_environment() before building the engine."
+            )
+        if torch.cuda.is_available():
+            return
+        if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            logger.warning("VLLM_CPU_KVCACHE_SPACE=%s overrides actor.kv_cache_gib=%g; unset it to use the config.",
+                           os.environ["VLLM_CPU_KVCACHE_SPACE"], self._cfg.kv_cache_gib)
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise ValueError(
+                f"the model's attention head_dim={head_dim} is not supported by vLLM's CPU attention "
+                f"(supported: {supported}); its first forward would fail. Fix: use a model whose "
+                "hidden_size / num_attention_heads is one of those sizes."
+            )
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads and threads.isdigit() and torch.get_num_threads() != int(threads):
+            # torch read OMP_NUM_THREADS when it was imported, which may predate the launcher
+            # setting it; the engine computes in this process's intra-op pool.
+            torch.set_num_threads(int(threads))
+
+    def _warm_up(self) -> None:
+        # With an explicit KV size and eager mode vLLM skips its warm-up forward, so the
+        # first real step would pay for it (~2 s on CPU); pay it here instead.
+        from vllm.inputs import TokensPrompt
+
+        params = self._sampling_params(greedy=True, seed=None, max_tokens=2)
+        self._engine.add_request(_WARMUP_REQUEST_ID, TokensPrompt(prompt_token_ids=[0]), params)
+        while self._engine.has_unfinished_requests():
+            self._engine.step()
+        self._engine.reset_prefix_cache()
+
+    def _checked_payload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        items = list(named_tensors)
+        problems: list[str] = []
+        seen: dict[str, torch.Tensor] = {}
+        for name, tensor in items:
+            expected = self._expected_shapes.get(name)
+            if expected is None:
+                problems.append(f"unknown parameter name {name!r}")
+            elif name in seen:
+                problems.append(f"{name!r} appears twice")
+            elif not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                problems.append(f"{name!r} is {type(tensor).__name__} "
+                                f"{getattr(tensor, 'dtype', '')}, not a floating-point tensor")
+            elif tuple(tensor.shape) != expected:
+                problems.append(f"{name!r} has shape {tuple(tensor.shape)}, expected {expected}")
+            elif tensor.is_meta:
+                problems.append(f"{name!r} is a meta tensor (no data)")
+            else:
+                seen[name] = tensor
+        if self._tied_embeddings and "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
+            # The logits kernel is packed separately from the embedding it is tied to; without
+            # this entry it would keep the old weights.
+            seen["lm_head.weight"] = seen["model.embed_tokens.weight"]
+            items.append(("lm_head.weight", seen["lm_head.weight"]))
+        missing = sorted(set(self._expected_shapes) - set(seen))
+        if missing and not problems:
+            problems.append(f"{len(missing)} parameters missing, e.g. {missing[:3]} "
+                            "(a payload must hold every parameter of the model)")
+        if problems:
+            listed = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
+            more = f" (and {len(problems) - _MAX_LISTED_PROBLEMS} more)" if len(problems) > _MAX_LISTED_PROBLEMS else ""
+            raise WeightPayloadError(
+                f"weight payload rejected, nothing loaded: {listed}{more}. Fix: send the student's "
+                "Hugging Face named_parameters() (full, unsharded tensors) of the same architecture."
+            )
+        return items
+
+
+def _describe_model(model_path: str) -> tuple[dict[str, tuple[int, ...]], bool, int, int]:
+    """Parameter shapes by HF name, tied embeddings, vocab size and head dim, from the config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    text_config = config.get_text_config()
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return shapes, tied, int(text_config.vocab_size), int(head_dim)
+
+
+def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int) -> LLMEngine:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=cfg.max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        enforce_eager=cfg.enforce_eager,
+        # An explicit KV size: vLLM's CPU worker otherwise sizes it from the NUMA node's
+        # memory and refuses to start on machines that under-report it.
+        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+        logprobs_mode="processed_logprobs",  # the distribution actually sampled
+        disable_log_stats=True,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def _sampling_params_factory(cfg: ActorConfig) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    def make(*, greedy: bool, seed: int | None, max_tokens: int | None = None,
+             temperature: float | None = None) -> SamplingParams:
+        return SamplingParams(
+            temperature=0.0 if greedy else (cfg.temperature if temperature is None else temperature),
+            top_p=1.0 if greedy else cfg.top_p,
+            max_tokens=max_tokens or cfg.max_new_tokens,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
+        )
+
+    return make

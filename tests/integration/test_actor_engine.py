@@ -1,0 +1,257 @@
+"""The actor's in-process vLLM engine against a Hugging Face forward of the same model.
+
+One engine serves the whole module (start-up costs seconds). Tests that load new
+weights record them in ``state.reference``, the HF model the engine should now
+match, so every test compares against the right weights whatever ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from asyncopd.actor.engine import Completion, VllmEngine, WeightPayloadError, engine_environment
+from asyncopd.config import ActorConfig
+from asyncopd.tasks.tiny import save_tiny_model
+
+pytestmark = pytest.mark.integration
+
+TEMPERATURE = 0.8  # != 1, so raw and processed log-probs differ
+MAX_NEW_TOKENS = 12
+
+
+@dataclass
+class EngineState:
+    engine: VllmEngine
+    cfg: ActorConfig
+    reference: PreTrainedModel
+    """An HF model holding the weights the engine should be serving now."""
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineState]:
+    # head_dim = 64 / 2 = 32: vLLM's CPU attention supports no head_dim below 32.
+    path = save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0,
+                           hidden_size=64, num_heads=2, num_kv_heads=1)
+    cfg = ActorConfig(max_new_tokens=MAX_NEW_TOKENS, max_model_len=48, max_num_seqs=16,
+                      temperature=TEMPERATURE, kv_cache_gib=0.0625)
+    threads_before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in engine_environment(threads=1).items():
+            mp.setenv(key, value)
+        engine = VllmEngine(str(path), cfg, seed=0)
+    reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    yield EngineState(engine=engine, cfg=cfg, reference=reference)
+    engine.shutdown()
+    torch.set_num_threads(threads_before)  # the engine applied OMP_NUM_THREADS=1 process-wide
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_requests(state: EngineState) -> Iterator[None]:
+    """A failing test must not leave requests in flight for the next one."""
+    yield
+    state.engine.abort_all()
+
+
+def run_to_completion(engine: VllmEngine, policy_version: int) -> dict[str, Completion]:
+    done: dict[str, Completion] = {}
+    for _ in range(10 * MAX_NEW_TOKENS):
+        if not engine.num_unfinished:
+            return done
+        done.update((c.request_id, c) for c in engine.step(policy_version))
+    raise AssertionError(f"{engine.num_unfinished} requests did not finish")
+
+
+@torch.no_grad()
+def hf_logprobs(model: PreTrainedModel, prompt: list[int], tokens: np.ndarray) -> np.ndarray:
+    """log p(token_t | prompt, tokens_<t) at the sampling temperature, from one HF forward."""
+    ids = torch.tensor([prompt + tokens.tolist()])
+    logits = model(ids).logits[0, len(prompt) - 1 : -1] / TEMPERATURE
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, torch.from_numpy(tokens).long()[:, None])[:, 0].numpy()
+
+
+def prompts(num: int, length: int = 6, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 98, size=length).tolist() for _ in range(num)]
+
+
+def perturbed(model: PreTrainedModel, seed: int, scale: float = 0.05) -> PreTrainedModel:
+    new = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in new.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return new
+
+
+def full_payload(model: PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """Every named parameter plus the tied head (named_parameters() skips it)."""
+    payload = [(name, p.detach()) for name, p in model.named_parameters()]
+    return payload + [("lm_head.weight", model.get_output_embeddings().weight.detach())]
+
+
+def test_behaviour_logprobs_match_hf_forward(state: EngineState) -> None:
+    engine, eos = state.engine, state.engine.eos_token_id
+    batch = prompts(8, seed=1)
+    for i, prompt in enumerate(batch):
+        engine.add(f"lp-{i}", prompt, seed=i)
+    done = run_to_completion(engine, policy_version=3)
+
+    assert sorted(done) == sorted(f"lp-{i}" for i in range(len(batch)))
+    for i, prompt in enumerate(batch):
+        completion = done[f"lp-{i}"]
+        n = len(completion.token_ids)
+        assert completion.token_ids.dtype == np.int32 and completion.logprobs.dtype == np.float32
+        assert completion.logprobs.shape == completion.token_policy_versions.shape == (n,)
+        assert (completion.token_policy_versions == 3).all()
+        if completion.finish_reason == "stop":  # EOS is returned as the last token
+            assert completion.token_ids[-1] == eos and eos not in completion.token_ids[:-1]
+        else:
+            assert completion.finish_reason == "length" and n == MAX_NEW_TOKENS
+        expected = hf_logprobs(state.reference, prompt, completion.token_ids)
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
+
+
+def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) -> None:
+    engine, old = state.engine, state.reference
+    new = perturbed(old, seed=10)
+    seconds = engine.load_weights(full_payload(new))
+    state.reference = new
+    assert 0 < seconds < 30
+
+    batch = prompts(6, seed=2)
+    for i, prompt in enumerate(batch):
+        engine.add(f"new-{i}", prompt, seed=100 + i)
+    done = run_to_completion(engine, policy_version=4)
+    max_change = 0.0
+    for i, prompt in enumerate(batch):
+        completion = done[f"new-{i}"]
+        np.testing.assert_allclose(completion.logprobs, hf_logprobs(new, prompt, completion.token_ids),
+                                   atol=1e-3, rtol=0)
+        stale = hf_logprobs(old, prompt, completion.token_ids)
+        max_change = max(max_change, float(np.abs(completion.logprobs - stale).max()))
+    assert max_change > 1e-2, "the engine still samples from the old weights"
+
+
+def test_weight_load_mid_generation_tags_tokens_with_their_version(state: EngineState) -> None:
+    engine, old = state.engine, state.reference
+    batch = prompts(6, seed=3)
+    for i, prompt in enumerate(batch):
+        engine.add(f"mid-{i}", prompt, seed=200 + i)
+    steps_before = 4  # one token per running request per step (the first step prefills too)
+    done: dict[str, Completion] = {}
+    for _ in range(steps_before):
+        done.update((c.request_id, c) for c in engine.step(policy_version=5))
+    new = perturbed(old, seed=11)
+    engine.load_weights(full_payload(new))
+    state.reference = new
+    done.update(run_to_completion(engine, policy_version=6))
+
+    crossed = 0
+    for i, prompt in enumerate(batch):
+        completion = done[f"mid-{i}"]
+        n = len(completion.token_ids)
+        k = min(n, steps_before)
+        expected_versions = [5] * k + [6] * (n - k)
+        assert completion.token_policy_versions.tolist() == expected_versions
+        if n > k:
+            crossed += 1
+            # Old tokens came from the old weights; new ones from the new weights with the
+            # KV of the whole sequence recomputed (no stale cache).
+            np.testing.assert_allclose(completion.logprobs[:k], hf_logprobs(old, prompt, completion.token_ids)[:k],
+                                       atol=1e-3, rtol=0)
+            np.testing.assert_allclose(completion.logprobs[k:], hf_logprobs(new, prompt, completion.token_ids)[k:],
+                                       atol=1e-3, rtol=0)
+    assert crossed >= 1, "no request was in flight across the weight load"
+
+
+def test_greedy_and_seeded_requests_are_deterministic(state: EngineState) -> None:
+    engine = state.engine
+    prompt = prompts(1, seed=4)[0]
+    engine.add("greedy-a", prompt, greedy=True)
+    engine.add("seeded-a", prompt, seed=42)
+    for i, other in enumerate(prompts(5, seed=5)):  # different batch company
+        engine.add(f"noise-{i}", other)
+    engine.add("greedy-b", prompt, greedy=True)
+    first = run_to_completion(engine, policy_version=0)
+    engine.add("greedy-c", prompt, greedy=True)
+    engine.add("seeded-b", prompt, seed=42)
+    second = run_to_completion(engine, policy_version=0)
+
+    greedy = first["greedy-a"].token_ids.tolist()
+    assert greedy == first["greedy-b"].token_ids.tolist() == second["greedy-c"].token_ids.tolist()
+    with torch.no_grad():  # greedy means argmax of the model at every step
+        ids = torch.tensor([prompt + greedy])
+        argmax = state.reference(ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert greedy == argmax
+    assert first["seeded-a"].token_ids.tolist() == second["seeded-b"].token_ids.tolist()
+    np.testing.assert_array_equal(first["seeded-a"].logprobs, second["seeded-b"].logprobs)
+
+
+def test_overlong_prompt_is_refused_with_the_limit_and_fix(state: EngineState) -> None:
+    engine = state.engine
+    limit = state.cfg.max_model_len - state.cfg.max_new_tokens
+    assert engine.max_prompt_tokens == limit
+    with pytest.raises(ValueError, match=rf"exceeds the limit of {limit}.*raise actor.max_model_len"):
+        engine.add("too-long", [5] * (limit + 1))
+    assert engine.num_unfinished == 0
+    engine.add("at-limit", [5] * limit)  # the boundary itself is accepted
+    done = run_to_completion(engine, policy_version=0)
+    assert len(done["at-limit"].token_ids) >= 1
+
+
+@pytest.mark.parametrize("problem", ["unknown name", "wrong shape", "missing tensor"])
+def test_bad_payload_is_refused_before_loading_and_engine_survives(state: EngineState, problem: str) -> None:
+    engine, current = state.engine, state.reference
+    payload = full_payload(perturbed(current, seed=12))
+    if problem == "unknown name":
+        payload.append(("model.layers.9.mlp.up_proj.weight", torch.zeros(128, 64)))
+        match = "unknown parameter name 'model.layers.9"
+    elif problem == "wrong shape":
+        name, tensor = payload[1]
+        payload[1] = (name, tensor[:-1])
+        match = f"'{name}' has shape"
+    else:
+        payload = payload[:-3]
+        match = "parameters missing"
+    with pytest.raises(WeightPayloadError, match=match):
+        engine.load_weights(payload)
+
+    prompt = prompts(1, seed=6)[0]
+    engine.add("after-bad", prompt, seed=7)
+    completion = run_to_completion(engine, policy_version=0)["after-bad"]
+    # Still alive, and still serving the weights it had: nothing of the bad payload landed.
+    np.testing.assert_allclose(completion.logprobs, hf_logprobs(current, prompt, completion.token_ids),
+                               atol=1e-3, rtol=0)
+
+
+def test_abort_returns_partial_completion(state: EngineState) -> None:
+    engine = state.engine
+    engine.add("to-abort", prompts(1, seed=8)[0], seed=1)
+    engine.step(policy_version=9)
+    partial = engine.abort("to-abort")
+    assert partial.finish_reason == "abort"
+    assert partial.token_policy_versions.tolist() == [9] * len(partial.token_ids)
+    assert engine.num_unfinished == 0
+    assert run_to_completion(engine, policy_version=9) == {}
+    engine.add("to-abort", prompts(1, seed=8)[0], seed=1)  # the id is free again
+    assert [c.request_id for c in engine.abort_all()] == ["to-abort"]
+
+
+def test_tied_head_follows_the_embedding_when_left_out(state: EngineState) -> None:
+    engine, old = state.engine, state.reference
+    new = perturbed(old, seed=13)
+    engine.load_weights((name, p.detach()) for name, p in new.named_parameters())  # no lm_head.weight
+    state.reference = new
+    prompt = prompts(1, seed=9)[0]
+    engine.add("tied", prompt, seed=3)
+    completion = run_to_completion(engine, policy_version=0)["tied"]
+    np.testing.assert_allclose(completion.logprobs, hf_logprobs(new, prompt, completion.token_ids),
+                               atol=1e-3, rtol=0)
