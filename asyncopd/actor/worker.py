@@ -268,23 +268,28 @@ class ActorLoop:
                     channel.num_rejected += 1
         return True
 
+    def run_once(self, idle_wait_s: float = 0.05) -> bool:
+        """One turn: messages, weights, admission, one engine step. False on shutdown."""
+        idle = self.engine.num_unfinished == 0 and not self._may_admit() and not self.pending_updates
+        if not self._handle_messages(idle_wait_s if idle else 0.0):
+            return False
+        while self.pending_updates and self._may_apply_update():
+            self._apply_update(self.pending_updates.popleft())
+        while self._may_admit():
+            self._admit_group()
+        self._check_deadlines()
+        if self.engine.num_unfinished:
+            start = time.perf_counter()
+            completions = self.engine.step(self.policy_version)
+            self.engine_busy_s += time.perf_counter() - start
+            for completion in completions:
+                self._finish(completion)
+        self._send_stats()
+        return True
+
     def run(self) -> None:
-        while True:
-            idle = self.engine.num_unfinished == 0 and not self._may_admit() and not self.pending_updates
-            if not self._handle_messages(0.05 if idle else 0.0):
-                return
-            while self.pending_updates and self._may_apply_update():
-                self._apply_update(self.pending_updates.popleft())
-            while self._may_admit():
-                self._admit_group()
-            self._check_deadlines()
-            if self.engine.num_unfinished:
-                start = time.perf_counter()
-                completions = self.engine.step(self.policy_version)
-                self.engine_busy_s += time.perf_counter() - start
-                for completion in completions:
-                    self._finish(completion)
-            self._send_stats()
+        while self.run_once():
+            pass
 
 
 def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str) -> None:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,7 +44,6 @@ __all__ = ["run_learner"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_batch_decoder = msgspec.msgpack.Decoder(list[ScoredRollout], ext_hook=codec._ext_hook, dec_hook=codec._dec_hook)
 
 
 def _share_batch(batch: list[ScoredRollout] | None, rank: int, world_size: int) -> list[ScoredRollout]:
@@ -54,7 +52,7 @@ def _share_batch(batch: list[ScoredRollout] | None, rank: int, world_size: int) 
         assert batch is not None
         return batch
     if rank == 0:
-        payload = torch.frombuffer(bytearray(codec._encoder.encode(batch)), dtype=torch.uint8)
+        payload = torch.frombuffer(bytearray(codec.encode_batch(batch)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.int64)
     else:
         size = torch.zeros(1, dtype=torch.int64)
@@ -62,7 +60,7 @@ def _share_batch(batch: list[ScoredRollout] | None, rank: int, world_size: int) 
     if rank != 0:
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(payload, src=0)
-    return batch if rank == 0 else _batch_decoder.decode(payload.numpy().tobytes())
+    return batch if rank == 0 else codec.decode_batch(payload.numpy().tobytes())
 
 
 def _batch_metrics(batch: list[ScoredRollout]) -> dict[str, float]:

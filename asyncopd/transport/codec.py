@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from asyncopd.types import Message
+from asyncopd.types import Message, ScoredRollout
 
-__all__ = ["MalformedMessage", "encode", "decode"]
+__all__ = ["MalformedMessage", "encode", "decode", "encode_batch", "decode_batch"]
 
 _NDARRAY_EXT = 1
 _DTYPE_FIELD = 4  # bytes reserved for the numpy dtype string, e.g. b"<i4 "
@@ -56,6 +56,7 @@ def _dec_hook(kind: type, obj: Any) -> Any:
 
 _encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 _decoder = msgspec.msgpack.Decoder(Message, ext_hook=_ext_hook, dec_hook=_dec_hook)
+_batch_decoder = msgspec.msgpack.Decoder(list[ScoredRollout], ext_hook=_ext_hook, dec_hook=_dec_hook)
 
 
 def encode(message: Message) -> bytes:
@@ -65,5 +66,17 @@ def encode(message: Message) -> bytes:
 def decode(data: bytes) -> Message:
     try:
         return _decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise MalformedMessage(str(exc)) from None
+
+
+def encode_batch(batch: list[ScoredRollout]) -> bytes:
+    """A training batch as one msgpack payload (learner rank 0 -> the other learner ranks)."""
+    return _encoder.encode(batch)
+
+
+def decode_batch(data: bytes) -> list[ScoredRollout]:
+    try:
+        return _batch_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
         raise MalformedMessage(str(exc)) from None

@@ -75,3 +75,15 @@ def test_decoded_message_that_breaks_an_invariant_is_rejected() -> None:
     raw["policy_version"] = 99
     with pytest.raises(MalformedMessage, match="policy_version"):
         decode(msgspec.msgpack.encode(raw))
+
+
+def test_training_batch_round_trip() -> None:
+    from asyncopd.transport.codec import decode_batch, encode_batch
+
+    batch = [ScoredRollout(rollout=make_rollout(rollout_id=f"0-{i}"), teacher_logprobs=np.full(3, -i, np.float32),
+                           teacher_index=0, score_s=0.0, policy_version=4) for i in range(3)]
+    back = decode_batch(encode_batch(batch))
+    assert [s.rollout_id for s in back] == ["0-0", "0-1", "0-2"]
+    np.testing.assert_array_equal(back[2].teacher_logprobs, [-2, -2, -2])
+    with pytest.raises(MalformedMessage):
+        decode_batch(b"\x93\x01")

@@ -1,0 +1,161 @@
+"""The actor loop's admission control and weight-swap policy, with a fake engine (the
+real method names) and real ZeroMQ sockets on loopback: no sample may be admitted
+that the learner would train with staleness above async.max_staleness."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from asyncopd.actor.worker import ActorLoop
+from asyncopd.config import from_dict
+from asyncopd.tasks import load_task
+from asyncopd.tasks.tokenizer import build_char_tokenizer
+from asyncopd.transport.sockets import Channel
+from asyncopd.types import Rollout, ScoreAck, Shutdown, WeightUpdate
+
+
+class FakeEngine:
+    """Stands in for VllmEngine: requests finish only when `finish_all` is set."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, list[int]] = {}
+        self.added: list[str] = []
+        self.loaded_versions = 0
+        self.finish_all = True
+
+    def add(self, request_id, prompt_ids, *, greedy=False, seed=None, temperature=None) -> None:
+        self.pending[request_id] = []
+        self.added.append(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.pending)
+
+    def step(self, policy_version: int):
+        from asyncopd.actor.engine import Completion
+
+        for tokens in self.pending.values():
+            tokens.append(policy_version)
+        if not self.finish_all:
+            return []
+        done = [Completion(request_id=rid, token_ids=np.array([7, 1], np.int32)[: len(v) + 1][-2:],
+                           logprobs=np.full(2, -0.5, np.float32),
+                           token_policy_versions=np.array([v[0], v[-1]], np.int32), finish_reason="stop")
+                for rid, v in self.pending.items()]
+        self.pending.clear()
+        return done
+
+    def load_weights(self, named_tensors) -> float:
+        list(named_tensors)
+        self.loaded_versions += 1
+        return 0.0
+
+
+class FakeWeightGroup:
+    def broadcast(self, tensor) -> None:
+        tensor.zero_()
+
+
+def make_loop(eta: int, schedule: str):
+    cfg = from_dict({"async": {"max_staleness": eta, "schedule": schedule}, "eval": {"enabled": False},
+                     "learner": {"batch_size": 4, "num_steps": 6}, "actor": {"samples_per_prompt": 2}})
+    inbox = Channel(zmq.PULL, bind_host="127.0.0.1")
+    teacher = Channel(zmq.ROUTER, bind_host="127.0.0.1")
+    learner = Channel(zmq.PULL, bind_host="127.0.0.1")
+    dealer = Channel(zmq.DEALER, connect=[teacher.address], identity=b"actor-0")
+    stats = Channel(zmq.PUSH, connect=[learner.address])
+    control = Channel(zmq.PUSH, connect=[inbox.address])
+    engine = FakeEngine()
+    loop = ActorLoop(cfg, 0, engine=engine, task=load_task(cfg.task), tokenizer=build_char_tokenizer(),
+                     weight_group=FakeWeightGroup(), inbox=inbox, dealer=dealer, stats_out=stats)
+    return loop, engine, control, teacher
+
+
+def push_weights(loop, control, version: int) -> None:
+    control.send(WeightUpdate(policy_version=version, buckets=[]))
+    deadline = time.monotonic() + 5
+    while loop.policy_version != version and time.monotonic() < deadline:
+        loop.run_once(0.01)
+
+
+def drain_rollouts(teacher: Channel) -> list[Rollout]:
+    out = []
+    while (got := teacher.recv(timeout_s=0.05)) is not None:
+        out.append(got[1])
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["bounded", "fixed_lag"])
+@pytest.mark.parametrize("eta", [0, 1, 2])
+def test_admitted_samples_never_exceed_the_staleness_bound(eta: int, schedule: str) -> None:
+    loop, engine, control, teacher = make_loop(eta, schedule)
+    rollouts: list[Rollout] = []
+    for version in range(6):
+        push_weights(loop, control, version)
+        for _ in range(5):
+            loop.run_once(0.01)
+        got = drain_rollouts(teacher)
+        rollouts += got
+        # Actors may run at most eta steps ahead: slots up to batch version + eta exist.
+        assert max(r.batch_index for r in rollouts) <= min(version + eta, 5)
+    assert len(rollouts) == 6 * 4  # every slot of every step, exactly once
+    for r in rollouts:
+        assert r.batch_index - r.policy_version <= eta  # trained at version batch_index
+    groups: dict[int, set[int]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group_id, set()).add(r.batch_index)
+    assert all(len(v) == 1 for v in groups.values()) and all(
+        sum(r.group_id == g for r in rollouts) == 2 for g in groups)
+
+
+def test_fixed_lag_takes_new_weights_only_between_batches() -> None:
+    loop, engine, control, teacher = make_loop(1, "fixed_lag")
+    engine.finish_all = False
+    push_weights(loop, control, 0)
+    loop.run_once(0.01)
+    assert engine.num_unfinished == 2 * 4  # batches 0 and 1, both by version 0
+    control.send(WeightUpdate(policy_version=1, buckets=[]))
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert loop.policy_version == 0  # requests in flight: the swap waits
+    engine.finish_all = True
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert loop.policy_version == 1
+    rollouts = drain_rollouts(teacher)
+    assert {(r.batch_index, r.policy_version) for r in rollouts} >= {(0, 0), (1, 0), (2, 1)}
+    assert all(int(r.token_policy_versions.max()) == r.policy_version for r in rollouts)
+
+
+def test_unscored_rollout_is_resampled_for_the_same_slot() -> None:
+    loop, engine, control, teacher = make_loop(0, "bounded")
+    loop.cfg.teacher.max_retries = 1
+    push_weights(loop, control, 0)
+    loop.run_once(0.01)
+    first = drain_rollouts(teacher)
+    assert len(first) == 4
+    victim = first[0]
+    for attempt in range(2):  # one retry, then the degrade policy
+        teacher.send(ScoreAck(rollout_id=victim.rollout_id, ok=False, policy_version=0, error="boom"),
+                     identity=b"actor-0")
+        deadline = time.monotonic() + 2
+        while loop.num_retries + loop.num_unscored < attempt + 1 and time.monotonic() < deadline:
+            loop.run_once(0.01)
+    loop.run_once(0.01)
+    again = drain_rollouts(teacher)
+    assert loop.num_retries == 1 and loop.num_unscored == 1
+    resampled = [r for r in again if r.rollout_id != victim.rollout_id]
+    assert len(resampled) == 1
+    assert (resampled[0].batch_index, resampled[0].group_id) == (victim.batch_index, victim.group_id)
+
+
+def test_shutdown_ends_the_loop() -> None:
+    loop, engine, control, teacher = make_loop(1, "bounded")
+    control.send(Shutdown(policy_version=0, reason="test"))
+    deadline = time.monotonic() + 2
+    while loop.run_once(0.01):
+        assert time.monotonic() < deadline
