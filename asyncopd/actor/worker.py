@@ -47,6 +47,7 @@ __all__ = ["ActorLoop", "eval_versions"]
 logger = logging.getLogger(__name__)
 
 _STATS_EVERY_S = 2.0
+_SHUTDOWN_CHECK_S = 1.0  # how often to look for the store's shutdown flag
 
 
 def eval_versions(cfg: JobConfig, start_version: int) -> set[int]:
@@ -77,7 +78,7 @@ class _Unacked:
 
 
 class ActorLoop:
-    """State and steps of one actor; :meth:`run` drives it until shutdown."""
+    """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
     def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
                  inbox: Channel, dealer: Channel, stats_out: Channel) -> None:
@@ -287,10 +288,6 @@ class ActorLoop:
         self._send_stats()
         return True
 
-    def run(self) -> None:
-        while self.run_once():
-            pass
-
 
 def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str) -> None:
     """The actor role's main: engine, sockets, weight group, then the loop."""
@@ -313,7 +310,13 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
                      inbox=inbox, dealer=dealer, stats_out=stats_out)
     try:
-        loop.run()
+        last_check = time.monotonic()
+        while loop.run_once():
+            if time.monotonic() - last_check > _SHUTDOWN_CHECK_S:
+                last_check = time.monotonic()
+                if rendezvous.shutdown_requested():
+                    logger.info("actor %d: the learner announced the end of the job", index)
+                    break
     finally:
         for channel in (inbox, dealer, stats_out):
             channel.close()

@@ -34,6 +34,7 @@ class LearnerIO:
     def __init__(self, cfg: JobConfig, rendezvous: Rendezvous, *, buffer, evaluation: EvalAccumulator,
                  on_eval: Callable[[dict[str, float]], None]) -> None:
         self.cfg = cfg
+        self.rendezvous = rendezvous
         self.buffer = buffer
         self.evaluation = evaluation
         self.on_eval = on_eval
@@ -87,8 +88,11 @@ class LearnerIO:
             channel.send(update)
 
     def shutdown(self, policy_version: int, reason: str) -> None:
+        """Tell every actor and teacher to finish: on its control socket and, in case a
+        message is lost with a closing socket, through the rendezvous store."""
         for channel in (*self.actor_controls, *self.teacher_controls):
             channel.send(Shutdown(policy_version=policy_version, reason=reason))
+        self.rendezvous.announce_shutdown(reason)
 
     def actor_metrics(self, previous: dict[int, ActorStats]) -> dict[str, Any]:
         stats = list(self.actor_stats.values())
@@ -111,5 +115,6 @@ class LearnerIO:
         }
 
     def close(self) -> None:
-        for channel in (self.inbox, *self.actor_controls, *self.teacher_controls):
-            channel.close()
+        self.inbox.close()
+        for channel in (*self.actor_controls, *self.teacher_controls):
+            channel.close(linger_s=2.0)  # let a queued Shutdown leave

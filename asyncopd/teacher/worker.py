@@ -30,6 +30,8 @@ __all__ = ["TeacherWorker", "run_teacher"]
 
 logger = logging.getLogger(__name__)
 
+_SHUTDOWN_CHECK_S = 1.0  # how often to look for the store's shutdown flag
+
 
 class TeacherWorker:
     """Serves one scorer on a ROUTER socket."""
@@ -116,8 +118,13 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         worker.connect_learner(rendezvous.lookup("learner/inbox"))
         rendezvous.barrier("connected")
         logger.info("teacher %d: serving on %s", index, worker.router.address)
+        last_check = time.monotonic()
         while worker.serve_once():
-            pass
+            if time.monotonic() - last_check > _SHUTDOWN_CHECK_S:
+                last_check = time.monotonic()
+                if rendezvous.shutdown_requested():
+                    logger.info("teacher %d: the learner announced the end of the job", index)
+                    break
         logger.info("teacher %d: scored %d rollouts, %d failed", index, worker.num_scored, worker.num_failed)
     finally:
         worker.close()

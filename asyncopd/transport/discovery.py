@@ -52,6 +52,14 @@ class Rendezvous:
                 "or start-up is slow: raise cluster.startup_timeout_s."
             ) from exc
 
+    def announce_shutdown(self, reason: str) -> None:
+        """Tell every role the job is over (read by :meth:`shutdown_requested`)."""
+        self.store.set(f"{_PREFIX}/shutdown", reason)
+
+    def shutdown_requested(self) -> bool:
+        """Whether the learner announced the end of the job (non-blocking)."""
+        return self.store.check([f"{_PREFIX}/shutdown"])
+
     def barrier(self, name: str) -> None:
         """Block until all ranks reached the barrier ``name`` (used once per name)."""
         key = f"{_PREFIX}/barrier/{name}"

@@ -92,8 +92,9 @@ class Channel:
         self.num_rejected += 1
         logger.warning("rejected a malformed or foreign message (%d so far): %s", self.num_rejected, why[:200])
 
-    def close(self) -> None:
-        self.socket.close(linger=0)
+    def close(self, linger_s: float = 0.0) -> None:
+        """Close the socket; ``linger_s`` > 0 first gives queued messages that long to leave."""
+        self.socket.close(linger=int(linger_s * 1000))
 
 
 def poll(channels: Sequence[Channel], timeout_s: float) -> list[Channel]:

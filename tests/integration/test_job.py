@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,17 @@ def run_job(run_dir: Path, models: tuple[str, str], *overrides: str, timeout: in
     student, teacher = models
     command = [sys.executable, "-m", "asyncopd.launch", "--config-name", "tiny",
                f"model.student.path={student}", f"model.teacher.path={teacher}", f"run.dir={run_dir}", *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Its own process group, so a hung job is ended with all of torchrun's ranks.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        print(stdout[-5000:], stderr[-15000:], sep="\n")
+        pytest.fail(f"the job did not finish within {timeout}s")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         print(result.stdout[-5000:], result.stderr[-15000:], sep="\n")
     return result
