@@ -1,0 +1,382 @@
+"""The demo teacher and student of the synthetic addition task, trained once and cached.
+
+:func:`ensure_demo_models` returns two Hugging Face directories (teacher, student)
+that load with ``AutoModelForCausalLM.from_pretrained`` and in vLLM. On first use
+it trains them by plain supervised next-token training (loss on the answer and
+``<eos>`` tokens only) on the task's training distribution, held-out problems
+excluded:
+
+- the **teacher** is trained to near-perfect held-out accuracy;
+- the **student** is the same run frozen early (about a tenth of the teacher's
+  steps): it already answers in the right form (digits, then ``<eos>``, so the
+  verifier can grade it) but is mostly wrong, which leaves on-policy distillation
+  something to fix. Same architecture, so its ceiling is the teacher's, and the
+  build costs one training run.
+
+The result lives under ``task.cache_dir`` in a directory keyed by the task
+parameters and a digest of :data:`RECIPE` (change the recipe, get a new cache). A ``filelock.FileLock`` makes concurrent callers (several ranks) build it
+once; the build writes to a temporary directory that is renamed into place, so
+a killed build never leaves a half-written cache.
+
+``python -m asyncopd.tasks.demo [--cache-dir D]`` builds the models if needed and
+prints their held-out greedy accuracy.
+
+This module does not sample with temperature, distil, or serve; it only trains
+and grades the two starting points of the demo job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock, Timeout
+from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
+
+from asyncopd.config import TaskConfig
+from asyncopd.tasks import Prompt, Task
+from asyncopd.tasks.addition import AdditionTask, sample_operands
+from asyncopd.tasks.tiny import save_tiny_model, tiny_config
+from asyncopd.tasks.tokenizer import build_char_tokenizer
+
+__all__ = [
+    "DEMO_CODE_VERSION",
+    "DemoRecipe",
+    "RECIPE",
+    "demo_cache_dir",
+    "ensure_demo_models",
+    "greedy_responses",
+    "greedy_accuracy",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+DEMO_CODE_VERSION = "addition-demo-v1"
+"""Bump when the training code changes in a way the recipes do not capture."""
+
+_MANIFEST = "manifest.json"
+_LOCK_TIMEOUT_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoRecipe:
+    """Architecture and supervised schedule of the demo teacher, and how the student is taken."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 2
+    """Attention heads; hidden_size / num_heads must be >= 32 (vLLM's CPU attention)."""
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    rope_theta: float = 100.0
+    """RoPE base. Sequences here are ~13 tokens; a small base spends more of the rotary
+    frequencies on positions that occur, and learns digit alignment faster than 10000."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    batch_size: int = 256
+    """Problems per step."""
+    hard_fraction: float = 0.25
+    """Share of each batch whose operands are drawn uniformly from [0, 10**max_digits)
+    (mostly full-length) instead of from the task's distribution, which draws both
+    operands full-length only 1 time in max_digits**2. Full-length sums with a carry
+    out are where a short run's errors concentrate."""
+    num_steps: int = 2000
+    """Optimiser steps: linear warm-up, then cosine decay to zero. Small transformers learn
+    carrying in a sudden transition whose step varies from seed to seed; too short a
+    schedule decays the learning rate before it."""
+    warmup_steps: int = 100
+    check_every: int = 25
+    """Steps between dev-accuracy checks (until the student snapshot is taken)."""
+    num_dev_prompts: int = 200
+    """Dev problems (training distribution, never the held-out prompts) for those checks."""
+    seed: int = 0
+    """Seed of the weight init and of the problem sampler."""
+    student_accuracy: float = 0.15
+    """The student is the teacher's run frozen at the first check whose greedy accuracy on
+    a dev set (training distribution, not the held-out prompts) reaches this, with every
+    dev answer well formed (digits then <eos>)."""
+
+
+RECIPE = DemoRecipe()
+
+
+def demo_cache_dir(cfg: TaskConfig) -> Path:
+    """The directory that holds (or will hold) the demo models of ``cfg``."""
+    if cfg.cache_dir is not None:
+        root = Path(cfg.cache_dir)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg) if xdg else Path.home() / ".cache") / "asyncopd"
+    key = {
+        "version": DEMO_CODE_VERSION,
+        "task": {"name": cfg.name, "max_digits": cfg.max_digits, "seed": cfg.seed,
+                 "num_eval_prompts": cfg.num_eval_prompts},
+        "recipe": dataclasses.asdict(RECIPE),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return root.expanduser() / f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}-{digest}"
+
+
+def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 2) -> tuple[Path, Path]:
+    """Return (teacher_dir, student_dir), training and caching them on first use.
+
+    Safe to call from many processes at once: one builds, the others wait on the
+    lock and then read the finished cache. ``num_threads`` is the torch intra-op
+    thread count used while training (restored afterwards).
+    """
+    if cfg.name != "addition":
+        raise ValueError(f"task.name={cfg.name!r} has no demo models. Fix: use task.name=addition.")
+    final = demo_cache_dir(cfg)
+    if (final / _MANIFEST).is_file():
+        return final / "teacher", final / "student"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(final) + ".lock")
+    logger.info("demo models not cached at %s; building them (or waiting for the process that is)", final)
+    try:
+        lock.acquire(timeout=_LOCK_TIMEOUT_S)
+    except Timeout as exc:
+        raise TimeoutError(
+            f"waited {_LOCK_TIMEOUT_S:.0f}s for {lock.lock_file} while another process builds the demo "
+            "models. Fix: check that process (it logs its progress), or set task.cache_dir to a "
+            "directory no other job uses."
+        ) from exc
+    try:
+        if (final / _MANIFEST).is_file():  # built by another process while we waited
+            return final / "teacher", final / "student"
+        _remove_leftovers(final)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            _build(cfg, tmp, num_threads=num_threads)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+            os.rename(tmp, final)  # atomic: readers see no cache or a whole one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
+    return final / "teacher", final / "student"
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Delete what killed builds left behind (only called while holding the lock)."""
+    for stale in final.parent.glob(final.name + ".tmp-*"):
+        logger.warning("removing %s, left by an interrupted demo-model build", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    if final.exists():
+        logger.warning("removing %s: it has no %s, so it is not a finished build", final, _MANIFEST)
+        shutil.rmtree(final)
+
+
+def _build(cfg: TaskConfig, out: Path, *, num_threads: int) -> None:
+    task = AdditionTask(cfg)
+    tokenizer = build_char_tokenizer()
+    max_new_tokens = cfg.max_digits + 2
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    start = time.perf_counter()
+    try:
+        teacher, student, student_step = _train(RECIPE, task, tokenizer, max_new_tokens=max_new_tokens)
+        manifest: dict[str, object] = {
+            "version": DEMO_CODE_VERSION,
+            "task": dataclasses.asdict(cfg),
+            "recipe": dataclasses.asdict(RECIPE),
+            "student_step": student_step,
+            "num_parameters": sum(p.numel() for p in teacher.parameters()),
+        }
+        for role, model in (("teacher", teacher), ("student", student)):
+            accuracy = greedy_accuracy(model, tokenizer, task, task.eval_prompts(), max_new_tokens=max_new_tokens)
+            logger.info("demo %s: held-out greedy accuracy %.3f", role, accuracy)
+            manifest[f"{role}_eval_accuracy"] = accuracy
+            save_tiny_model(out / role, model=model)
+    finally:
+        torch.set_num_threads(previous_threads)
+    manifest["build_s"] = time.perf_counter() - start
+    logger.info("built the demo models in %.0fs", manifest["build_s"])
+    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _sample_problems(task: AdditionTask, rng: np.random.Generator, n: int, hard_fraction: float = 0.0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` operand pairs, held-out problems removed: ``hard_fraction`` of them
+    uniform over [0, 10**max_digits), the rest from the task's own distribution."""
+    num_hard = int(round(n * hard_fraction))
+    a, b = sample_operands(rng, n - num_hard, task.max_digits)
+    if num_hard:
+        a = np.concatenate([a, rng.integers(0, 10**task.max_digits, size=num_hard)])
+        b = np.concatenate([b, rng.integers(0, 10**task.max_digits, size=num_hard)])
+    keep = ~task.is_held_out(a, b)
+    return a[keep], b[keep]
+
+
+def _supervised_batch(tokenizer: PreTrainedTokenizerBase, a: np.ndarray, b: np.ndarray
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [batch, seq] (right-padded) and labels [batch, seq] (-100 except answer + eos)."""
+    prompts = [f"{x}+{y}=" for x, y in zip(a.tolist(), b.tolist())]
+    answers = [str(x + y) for x, y in zip(a.tolist(), b.tolist())]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    length = max(len(p) + len(s) for p, s in zip(prompt_ids, answer_ids)) + 1
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(prompts), length), -100, dtype=torch.long)
+    for row, (p, s) in enumerate(zip(prompt_ids, answer_ids)):
+        target = s + [tokenizer.eos_token_id]
+        input_ids[row, : len(p) + len(target)] = torch.tensor(p + target)
+        # Position t predicts token t + 1: the answer starts after the prompt's last token.
+        labels[row, len(p) - 1 : len(p) - 1 + len(target)] = torch.tensor(target)
+    return input_ids, labels
+
+
+def _dev_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: AdditionTask,
+                prompts: list[Prompt], max_new_tokens: int) -> tuple[float, float]:
+    """(greedy accuracy, fraction of answers that are digits then <eos>) on ``prompts``."""
+    responses = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    eos = tokenizer.eos_token
+    well_formed = [r.endswith(eos) and r[: -len(eos)].isdigit() for r in responses]
+    correct = [ok and task.reward(p, r) == 1.0 for p, r, ok in zip(prompts, responses, well_formed)]
+    return sum(correct) / len(prompts), sum(well_formed) / len(prompts)
+
+
+def _train(recipe: DemoRecipe, task: AdditionTask, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int
+           ) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, int]:
+    """Train the teacher; return (teacher, student snapshot, the snapshot's step)."""
+    torch.manual_seed(recipe.seed)
+    config = tiny_config(
+        hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
+        num_kv_heads=recipe.num_kv_heads, intermediate_size=recipe.intermediate_size, max_positions=256,
+    )
+    config.rope_parameters["rope_theta"] = recipe.rope_theta
+    model = Qwen2ForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_factor(step: int) -> float:  # step counts from 0
+        warmup = min(1.0, (step + 1) / recipe.warmup_steps)
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * step / recipe.num_steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = np.random.default_rng(recipe.seed)
+    a, b = _sample_problems(task, rng, recipe.num_dev_prompts)
+    dev = [Prompt(text=f"{x}+{y}=", answer=str(x + y), index=i) for i, (x, y) in enumerate(zip(a.tolist(), b.tolist()))]
+    student: Qwen2ForCausalLM | None = None
+    student_step = 0
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, recipe.num_steps + 1):
+        input_ids, labels = _supervised_batch(
+            tokenizer, *_sample_problems(task, rng, recipe.batch_size, recipe.hard_fraction)
+        )
+        logits = model(input_ids=input_ids).logits  # [batch, seq, vocab]
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if student is None and step % recipe.check_every == 0:
+            model.eval()
+            accuracy, well_formed = _dev_scores(model, tokenizer, task, dev, max_new_tokens)
+            model.train()
+            if accuracy >= recipe.student_accuracy and well_formed == 1.0:
+                student, student_step = copy.deepcopy(model).eval(), step
+                logger.info("demo student = the teacher run at step %d (dev accuracy %.3f)", step, accuracy)
+        if step % 100 == 0:
+            logger.info("demo teacher step %d/%d loss %.4f (%.0fs)", step, recipe.num_steps, loss.item(),
+                        time.perf_counter() - start)
+    model.eval()
+    accuracy, _ = _dev_scores(model, tokenizer, task, dev, max_new_tokens)
+    logger.info("demo teacher: dev accuracy %.3f after %d steps (%.0fs)", accuracy, recipe.num_steps,
+                time.perf_counter() - start)
+    if student is None:
+        raise RuntimeError(
+            f"the demo teacher run never reached dev accuracy {recipe.student_accuracy} with well-formed "
+            f"answers, so there is no student snapshot ({recipe}). Fix: this is a recipe bug; raise "
+            "DemoRecipe.num_steps or lower DemoRecipe.student_accuracy."
+        )
+    return model, student, student_step
+
+
+@torch.no_grad()
+def greedy_responses(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], *,
+                     max_new_tokens: int, batch_size: int = 256) -> list[str]:
+    """Greedy completions of ``prompts`` as text. A completion that emitted ``<eos>``
+    within ``max_new_tokens`` ends in ``"<eos>"``; one that ran out of tokens does not.
+    """
+    eos = tokenizer.eos_token_id
+    responses: list[str] = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first : first + batch_size]
+        enc = tokenizer([p.text for p in chunk], add_special_tokens=False, padding=True,
+                        padding_side="left", return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        generated: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            # No KV cache: responses are a few tokens and the models tiny. RoPE makes the
+            # left padding's position offset irrelevant.
+            next_ids = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+            next_ids = torch.where(done, torch.full_like(next_ids, tokenizer.pad_token_id), next_ids)
+            generated.append(next_ids)
+            done |= next_ids == eos
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
+            if bool(done.all()):
+                break
+        for row in torch.stack(generated, dim=1).tolist():
+            text_ids = row[: row.index(eos)] if eos in row else row
+            suffix = tokenizer.eos_token if eos in row else ""
+            responses.append(tokenizer.decode(text_ids, skip_special_tokens=True) + suffix)
+    return responses
+
+
+def greedy_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
+                    prompts: list[Prompt], *, max_new_tokens: int) -> float:
+    """Mean task reward of greedy completions that end in ``<eos>`` (others score 0)."""
+    responses = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    eos = tokenizer.eos_token
+    scores = [task.reward(p, r) if r.endswith(eos) else 0.0 for p, r in zip(prompts, responses)]
+    return float(sum(scores) / max(1, len(scores)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: build the demo models if needed and print their held-out greedy accuracy."""
+    from transformers import AutoModelForCausalLM
+
+    defaults = TaskConfig()
+    parser = argparse.ArgumentParser(prog="python -m asyncopd.tasks.demo", description=main.__doc__)
+    parser.add_argument("--cache-dir", default=None, help="task.cache_dir (default: $XDG_CACHE_HOME/asyncopd)")
+    parser.add_argument("--max-digits", type=int, default=defaults.max_digits, help="task.max_digits")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="task.seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads while building")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TaskConfig(cache_dir=args.cache_dir, max_digits=args.max_digits, seed=args.seed)
+    start = time.perf_counter()
+    teacher_dir, student_dir = ensure_demo_models(cfg, num_threads=args.threads)
+    print(f"demo models ready in {time.perf_counter() - start:.1f}s under {teacher_dir.parent}")
+    task = AdditionTask(cfg)
+    tokenizer = build_char_tokenizer()
+    for role, path in (("teacher", teacher_dir), ("student", student_dir)):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        accuracy = greedy_accuracy(model, tokenizer, task, task.eval_prompts(), max_new_tokens=cfg.max_digits + 2)
+        num_parameters = sum(p.numel() for p in model.parameters())
+        print(f"{role}: held-out greedy accuracy {accuracy:.3f} on {len(task.eval_prompts())} prompts "
+              f"({num_parameters} parameters) at {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
