@@ -37,7 +37,7 @@ import zmq
 
 from asyncopd.config import JobConfig
 from asyncopd.tasks import Prompt, Task
-from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
 from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, WeightUpdate
@@ -47,7 +47,6 @@ __all__ = ["ActorLoop", "eval_versions"]
 logger = logging.getLogger(__name__)
 
 _STATS_EVERY_S = 2.0
-_SHUTDOWN_CHECK_S = 1.0  # how often to look for the store's shutdown flag
 
 
 def eval_versions(cfg: JobConfig, start_version: int) -> set[int]:
@@ -310,13 +309,10 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
                      inbox=inbox, dealer=dealer, stats_out=stats_out)
     try:
-        last_check = time.monotonic()
-        while loop.run_once():
-            if time.monotonic() - last_check > _SHUTDOWN_CHECK_S:
-                last_check = time.monotonic()
-                if rendezvous.shutdown_requested():
-                    logger.info("actor %d: the learner announced the end of the job", index)
-                    break
+        # The Shutdown message, or the store's flag should that message be lost.
+        ended = ShutdownWatch(rendezvous)
+        while loop.run_once() and not ended():
+            pass
     finally:
         for channel in (inbox, dealer, stats_out):
             channel.close()

@@ -22,15 +22,13 @@ import zmq
 
 from asyncopd.config import JobConfig
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
-from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.types import Rollout, ScoreAck, ScoredRollout, Shutdown
 
 __all__ = ["TeacherWorker", "run_teacher"]
 
 logger = logging.getLogger(__name__)
-
-_SHUTDOWN_CHECK_S = 1.0  # how often to look for the store's shutdown flag
 
 
 class TeacherWorker:
@@ -118,13 +116,9 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         worker.connect_learner(rendezvous.lookup("learner/inbox"))
         rendezvous.barrier("connected")
         logger.info("teacher %d: serving on %s", index, worker.router.address)
-        last_check = time.monotonic()
-        while worker.serve_once():
-            if time.monotonic() - last_check > _SHUTDOWN_CHECK_S:
-                last_check = time.monotonic()
-                if rendezvous.shutdown_requested():
-                    logger.info("teacher %d: the learner announced the end of the job", index)
-                    break
+        ended = ShutdownWatch(rendezvous)  # should the Shutdown message be lost
+        while worker.serve_once() and not ended():
+            pass
         logger.info("teacher %d: scored %d rollouts, %d failed", index, worker.num_scored, worker.num_failed)
     finally:
         worker.close()

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["Rendezvous"]
+__all__ = ["Rendezvous", "ShutdownWatch"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +73,22 @@ class Rendezvous:
                 )
             time.sleep(0.05)
             arrived = self.store.add(key, 0)
+
+
+class ShutdownWatch:
+    """Polls the store's shutdown flag at most every ``every_s`` seconds (cheap to call
+    in a hot loop); true once the learner announced the end of the job."""
+
+    def __init__(self, rendezvous: Rendezvous, every_s: float = 1.0) -> None:
+        self.rendezvous = rendezvous
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def __call__(self) -> bool:
+        if time.monotonic() - self._last < self.every_s:
+            return False
+        self._last = time.monotonic()
+        if self.rendezvous.shutdown_requested():
+            logger.info("rank %d: the learner announced the end of the job", self.rendezvous.rank)
+            return True
+        return False
