@@ -81,15 +81,20 @@ def run_setting(lr: float, batch_size: int, num_steps: int, args: argparse.Names
     teacher_dir, student_dir = ensure_demo_models(cfg)
     tokenizer = build_char_tokenizer()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(args.student or student_dir)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if args.teacher_temperature != 1.0:
+        # The final RMSNorm's weight multiplies the hidden state that the (tied) LM head
+        # reads, so scaling it by 1/T divides every logit by T.
+        teacher.model.norm.weight.div_(args.teacher_temperature)
     eval_prompts = task.eval_prompts()
     max_new = args.max_new_tokens
 
     def measure() -> tuple[float, float]:
         student.eval()
-        rkl = held_out_rkl(student, teacher, tokenizer, eval_prompts, max_new_tokens=max_new, seed=1234)
+        rkl = held_out_rkl(student, teacher, tokenizer, eval_prompts * args.rkl_samples, max_new_tokens=max_new,
+                           seed=1234)
         acc = greedy_accuracy(student, tokenizer, task, eval_prompts, max_new_tokens=max_new)
         student.train()
         return rkl, acc
@@ -132,6 +137,10 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rkl-samples", type=int, default=4, help="samples per held-out prompt for the RKL")
+    parser.add_argument("--student", default=None, help="student HF directory (default: the demo student)")
+    parser.add_argument("--teacher-temperature", type=float, default=1.0,
+                        help="divide the teacher's logits by this (the cached teacher is left as is)")
     parser.add_argument("--curve-every", type=int, default=0, help="also measure every N steps (slower)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

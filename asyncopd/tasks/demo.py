@@ -104,12 +104,16 @@ class DemoRecipe:
     """Steps between dev-accuracy checks (until the student snapshot is taken)."""
     num_dev_prompts: int = 200
     """Dev problems (training distribution, never the held-out prompts) for those checks."""
-    seed: int = 0
-    """Seed of the weight init and of the problem sampler."""
-    student_accuracy: float = 0.15
+    seed: int = 1
+    """Seed of the weight init and of the problem sampler. Runs differ a lot by seed (the
+    transition above); seed 1 was picked on dev accuracy (1.00 vs 0.96 for seed 0)."""
+    student_accuracy: float = 0.5
     """The student is the teacher's run frozen at the first check whose greedy accuracy on
     a dev set (training distribution, not the held-out prompts) reaches this, with every
-    dev answer well formed (digits then <eos>)."""
+    dev answer well formed (digits then <eos>). Measured with the demo job: a 15% snapshot
+    (before the run learns carrying) has a per-token reverse KL of ~4.4 nats to the teacher,
+    and sampled-token OPD barely moves it; from a ~50% snapshot (~1.3 nats) it makes steady
+    progress."""
 
 
 RECIPE = DemoRecipe()
@@ -230,15 +234,15 @@ def _supervised_batch(tokenizer: PreTrainedTokenizerBase, a: np.ndarray, b: np.n
     answers = [str(x + y) for x, y in zip(a.tolist(), b.tolist())]
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     length = max(len(p) + len(s) for p, s in zip(prompt_ids, answer_ids)) + 1
-    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(prompts), length), -100, dtype=torch.long)
-    for row, (p, s) in enumerate(zip(prompt_ids, answer_ids)):
-        target = s + [tokenizer.eos_token_id]
-        input_ids[row, : len(p) + len(target)] = torch.tensor(p + target)
+    rows, targets = [], []
+    for p, s in zip(prompt_ids, answer_ids):
+        padding = length - len(p) - len(s) - 1
+        rows.append(p + s + [eos] + [pad] * padding)
         # Position t predicts token t + 1: the answer starts after the prompt's last token.
-        labels[row, len(p) - 1 : len(p) - 1 + len(target)] = torch.tensor(target)
-    return input_ids, labels
+        targets.append([-100] * (len(p) - 1) + s + [eos] + [-100] * (padding + 1))
+    return torch.tensor(rows), torch.tensor(targets)
 
 
 def _dev_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: AdditionTask,

@@ -279,6 +279,30 @@ def test_ensure_demo_models_returns_a_finished_cache_without_building(tmp_path: 
     assert ensure_demo_models(cfg) == (final / "teacher", final / "student")
 
 
+def test_supervised_batch_puts_labels_on_answer_and_eos_only(tokenizer) -> None:
+    from asyncopd.tasks.demo import _supervised_batch
+
+    input_ids, labels = _supervised_batch(tokenizer, np.array([12, 5]), np.array([345, 7]))
+    assert tokenizer.decode(input_ids[0]) == "12+345=357<eos>"
+    assert tokenizer.decode(input_ids[1], skip_special_tokens=True) == "5+7=12"
+    # Row 1: position 3 is "=", which must predict "1", then "2", then <eos>.
+    expected = [-100] * 3 + tokenizer("12", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert labels[1].tolist() == expected + [-100] * (input_ids.shape[1] - len(expected))
+    assert (labels[0] != -100).sum() == len("357") + 1
+
+
+def test_interrupted_build_leftovers_are_removed(tmp_path: Path) -> None:
+    from asyncopd.tasks.demo import _remove_leftovers
+
+    cfg = TaskConfig(cache_dir=str(tmp_path))
+    final = demo_cache_dir(cfg)
+    stale = final.parent / (final.name + ".tmp-abc123")
+    (stale / "teacher").mkdir(parents=True)
+    (final / "teacher").mkdir(parents=True)  # a final dir without manifest is not a finished build
+    _remove_leftovers(final)
+    assert not stale.exists() and not final.exists()
+
+
 class ScriptedModel(torch.nn.Module):
     """Greedy-decodes the same token script after any prompt (the k-th call emits script[k])."""
 
