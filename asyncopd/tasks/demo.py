@@ -136,12 +136,14 @@ def demo_cache_dir(cfg: TaskConfig) -> Path:
     return root.expanduser() / f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}-{digest}"
 
 
-def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 2) -> tuple[Path, Path]:
+def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 1) -> tuple[Path, Path]:
     """Return (teacher_dir, student_dir), training and caching them on first use.
 
     Safe to call from many processes at once: one builds, the others wait on the
     lock and then read the finished cache. ``num_threads`` is the torch intra-op
-    thread count used while training (restored afterwards).
+    thread count used while training (restored afterwards). One by default: these
+    matmuls are too small to gain much from a second thread on an idle machine
+    (~1.1x), and on a busy one OpenMP's spinning threads made 2 threads 5-10x slower.
     """
     if cfg.name != "addition":
         raise ValueError(f"task.name={cfg.name!r} has no demo models. Fix: use task.name=addition.")
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="task.cache_dir (default: $XDG_CACHE_HOME/asyncopd)")
     parser.add_argument("--max-digits", type=int, default=defaults.max_digits, help="task.max_digits")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="task.seed")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads while building")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while building")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TaskConfig(cache_dir=args.cache_dir, max_digits=args.max_digits, seed=args.seed)
