@@ -152,6 +152,12 @@ class TaskConfig:
     (or ~/.cache/asyncopd)."""
     seed: int = 0
     """Seed of the synthetic prompt stream and held-out set."""
+    reward: Literal["exact_match", "math_answer", "none"] = "exact_match"
+    """The verifier that grades a response against the prompt's answer
+    (asyncopd/tasks/rewards.py): "exact_match" (the demo task's), "math_answer"
+    (final answer checked mathematically with math-verify, for math datasets), or
+    "none" for prompt-only data (JSONL answers optional, rewards NaN, so GRPO and
+    KDRL objectives are refused)."""
 
     def __post_init__(self) -> None:
         _check_positive("task", self, "max_digits", "num_eval_prompts")

@@ -7,7 +7,8 @@ of evaluation prompts (disjoint from the training stream), and the verifier
 :func:`load_task` builds the task a :class:`~asyncopd.config.TaskConfig` names:
 the synthetic addition task (:mod:`asyncopd.tasks.addition`) or, when
 ``task.train_path`` / ``task.eval_path`` are set, prompts read from JSONL files
-(:mod:`asyncopd.tasks.jsonl`).
+(:mod:`asyncopd.tasks.jsonl`). The verifier is named by ``task.reward``
+(:mod:`asyncopd.tasks.rewards`).
 
 This package does not tokenize for the engine, sample, or score; it hands out
 text and grades text. The demo teacher/student models of the synthetic task live
@@ -20,14 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from asyncopd.tasks.rewards import normalize_response
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from asyncopd.config import TaskConfig
 
 __all__ = ["Prompt", "Task", "load_task", "normalize_response", "check_shard"]
-
-_EOS_TEXT = "<eos>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +61,9 @@ class Task(Protocol):
         ...
 
     def reward(self, prompt: Prompt, response_text: str) -> float:
-        """1.0 if ``response_text`` is exactly ``prompt.answer`` (a trailing ``<eos>`` and
-        trailing whitespace are tolerated), else 0.0."""
+        """The configured verifier (``task.reward``, :mod:`asyncopd.tasks.rewards`) on
+        ``response_text`` against ``prompt.answer``: 1.0 right, 0.0 wrong, NaN unverifiable."""
         ...
-
-
-def normalize_response(response_text: str) -> str:
-    """Strip what a decoder may leave after an answer: trailing whitespace and ``<eos>``."""
-    text = response_text.rstrip()
-    while text.endswith(_EOS_TEXT):
-        text = text[: -len(_EOS_TEXT)].rstrip()
-    return text
 
 
 def check_shard(shard: int, num_shards: int, start: int) -> None:

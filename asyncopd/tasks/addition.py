@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from asyncopd.config import TaskConfig
-from asyncopd.tasks import Prompt, check_shard, normalize_response
+from asyncopd.tasks import Prompt, check_shard
+from asyncopd.tasks.rewards import get_reward
 
 __all__ = ["AdditionTask", "format_prompt", "sample_operands"]
 
@@ -55,6 +56,7 @@ class AdditionTask:
     def __init__(self, cfg: TaskConfig) -> None:
         self.max_digits = cfg.max_digits
         self.seed = cfg.seed
+        self._reward = get_reward(cfg.reward)
         num_problems = (10**cfg.max_digits) ** 2
         if cfg.num_eval_prompts > num_problems // 2:
             raise ValueError(
@@ -97,4 +99,4 @@ class AdditionTask:
         return list(self._eval)
 
     def reward(self, prompt: Prompt, response_text: str) -> float:
-        return 1.0 if normalize_response(response_text) == prompt.answer else 0.0
+        return self._reward(response_text, prompt.answer)

@@ -6,8 +6,9 @@ dropped silently (only blank lines are skipped). Extra keys on a line are
 allowed and ignored, so files carrying ids or metadata load as they are.
 
 :class:`JsonlTask` serves those prompts through the :class:`~asyncopd.tasks.Task`
-interface, graded by exact match on ``answer`` (the same verifier as the synthetic
-task). The training stream cycles through the file forever, reshuffled every
+interface, graded by the verifier ``task.reward`` names (exact match on
+``answer`` by default, the synthetic task's verifier). With ``task.reward=none``
+(prompt-only distillation) ``answer`` may be left out. The training stream cycles through the file forever, reshuffled every
 epoch from ``task.seed``. Held-out prompts come from ``task.eval_path`` or, when
 only ``task.train_path`` is set, from ``task.num_eval_prompts`` lines held out of
 the training file (then never trained on).
@@ -25,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from asyncopd.tasks import Prompt, Task, check_shard, normalize_response
+from asyncopd.tasks import Prompt, Task, check_shard
+from asyncopd.tasks.rewards import RewardFn, exact_match, get_reward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -52,11 +54,14 @@ def load_jsonl(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_prompt_tokens: int | None = None,
+    require_answer: bool = True,
 ) -> list[Prompt]:
     """Read every prompt of ``path``; ``Prompt.index`` is the record's position in the file.
 
     With ``tokenizer`` and ``max_prompt_tokens`` both given, a prompt of more than
     ``max_prompt_tokens`` tokens is an error (it could never be generated from).
+    ``require_answer=False`` (no verifier, ``task.reward=none``) makes ``answer``
+    optional (default ``""``); when present it must still be a string.
     """
     if max_prompt_tokens is not None and tokenizer is None:
         raise ValueError(
@@ -85,9 +90,12 @@ def load_jsonl(
             ) from exc
         if not isinstance(record, dict):
             raise JsonlError(f"{where}: expected a JSON object, got {type(record).__name__}. Fix: {_FORMAT}.")
+        if not require_answer:
+            record.setdefault("answer", "")
         for key in ("prompt", "answer"):
             if key not in record:
-                raise JsonlError(f'{where}: missing field "{key}". Fix: {_FORMAT}.')
+                raise JsonlError(f'{where}: missing field "{key}". Fix: {_FORMAT} '
+                                 '(or set task.reward=none to distill on prompts alone).')
             if not isinstance(record[key], str):
                 raise JsonlError(
                     f'{where}: field "{key}" must be a string, got {type(record[key]).__name__} '
@@ -96,7 +104,7 @@ def load_jsonl(
         text, answer = record["prompt"], record["answer"]
         if not text:
             raise JsonlError(f'{where}: empty "prompt". Fix: remove the line or give it a prompt.')
-        if not answer.strip():
+        if require_answer and not answer.strip():
             raise JsonlError(
                 f'{where}: empty "answer"; the verifier would have nothing to match. '
                 "Fix: remove the line or give it the exact expected answer."
@@ -120,8 +128,8 @@ class JsonlTask:
     """A :class:`~asyncopd.tasks.Task` over prompt lists (normally read from JSONL files)."""
 
     def __init__(self, train: list[Prompt] | None, eval_: list[Prompt], *, seed: int,
-                 synthetic: Task | None = None) -> None:
-        """``train=None`` takes the training stream from ``synthetic``."""
+                 synthetic: Task | None = None, reward: RewardFn = exact_match) -> None:
+        """``train=None`` takes the training stream from ``synthetic``; ``reward`` grades responses."""
         if train is None and synthetic is None:
             raise ValueError("JsonlTask needs training prompts or a synthetic task to draw them from.")
         if train is not None and not train:
@@ -130,6 +138,7 @@ class JsonlTask:
         self._eval = [Prompt(text=p.text, answer=p.answer, index=i) for i, p in enumerate(eval_)]
         self._synthetic = synthetic
         self._seed = seed
+        self._reward = reward
         self._epoch_order: tuple[int, list[int]] | None = None
 
     @classmethod
@@ -142,7 +151,8 @@ class JsonlTask:
         max_prompt_tokens: int | None = None,
     ) -> JsonlTask:
         def load(path: str) -> list[Prompt]:
-            return load_jsonl(path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
+            return load_jsonl(path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
+                              require_answer=cfg.reward != "none")
 
         train = load(cfg.train_path) if cfg.train_path is not None else None
         if cfg.eval_path is not None:
@@ -169,7 +179,7 @@ class JsonlTask:
             "JSONL task: %s training prompts, %d held-out prompts",
             len(train) if train is not None else "synthetic", len(eval_),
         )
-        return cls(train, eval_, seed=cfg.seed, synthetic=synthetic)
+        return cls(train, eval_, seed=cfg.seed, synthetic=synthetic, reward=get_reward(cfg.reward))
 
     def _order(self, epoch: int) -> list[int]:
         assert self._train is not None
@@ -196,7 +206,7 @@ class JsonlTask:
         return list(self._eval)
 
     def reward(self, prompt: Prompt, response_text: str) -> float:
-        return 1.0 if normalize_response(response_text) == prompt.answer else 0.0
+        return self._reward(response_text, prompt.answer)
 
 
 def _hold_out(train: list[Prompt], cfg: TaskConfig) -> tuple[list[Prompt], list[Prompt]]:

@@ -328,3 +328,62 @@ def test_greedy_accuracy_requires_eos_and_the_exact_answer(tokenizer) -> None:
     unfinished = ScriptedModel(ids, len(tokenizer))  # never emits eos: "577..." truncated
     assert greedy_responses(unfinished, tokenizer, prompts[:1], max_new_tokens=2) == ["57"]
     assert greedy_accuracy(ScriptedModel(ids, len(tokenizer)), tokenizer, task, prompts[:1], max_new_tokens=2) == 0.0
+
+
+# ---- reward registry ------------------------------------------------------------------------
+
+def test_reward_registry_matches_the_config_choices() -> None:
+    import typing
+
+    from asyncopd.tasks.rewards import REWARDS
+
+    hints = typing.get_type_hints(TaskConfig)
+    assert set(typing.get_args(hints["reward"])) == set(REWARDS)
+
+
+@pytest.mark.parametrize(("response", "answer", "expected"), [
+    ("357<eos>", "357", 1.0),
+    ("357 ", "357", 1.0),
+    ("0357", "357", 0.0),
+    ("35", "357", 0.0),
+])
+def test_exact_match(response: str, answer: str, expected: float) -> None:
+    from asyncopd.tasks.rewards import exact_match
+
+    assert exact_match(response, answer) == expected
+
+
+@pytest.mark.parametrize(("response", "answer", "expected"), [
+    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("We get 12 apples, then 30 in total.", "30", 1.0),
+    ("The result is $42$.", "42", 1.0),
+    ("The result is $41$.", "42", 0.0),
+    ("no number here at all", "7", 0.0),
+    ("\\boxed{", "7", 0.0),
+])
+def test_math_answer(response: str, answer: str, expected: float) -> None:
+    from asyncopd.tasks.rewards import math_answer
+
+    assert math_answer(response, answer) == expected
+
+
+def test_reward_none_is_nan_and_makes_jsonl_answers_optional(tmp_path) -> None:
+    import math
+
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": f"{i}+{i}="}) for i in range(12)))
+    task = load_task(TaskConfig(train_path=str(train), num_eval_prompts=2, reward="none"))
+    prompt = task.eval_prompts()[0]
+    assert prompt.answer == ""
+    assert math.isnan(task.reward(prompt, "anything"))
+    with pytest.raises(JsonlError, match='missing field "answer".*task.reward=none'):
+        load_task(TaskConfig(train_path=str(train), num_eval_prompts=2))
+
+
+def test_task_uses_the_configured_reward() -> None:
+
+    task = load_task(TaskConfig(reward="math_answer"))
+    prompt = task.eval_prompts()[0]
+    assert task.reward(prompt, f"it is \\boxed{{{prompt.answer}}}") == 1.0
+    assert load_task(TaskConfig()).reward(prompt, f"it is \\boxed{{{prompt.answer}}}") == 0.0
