@@ -306,9 +306,16 @@ class LearnerConfig:
     """Size of one weight-broadcast bucket in MiB (tensors are packed into buckets)."""
     weight_sync_timeout_s: float = 300.0
     """A weight sync that has not completed in this many seconds fails the job."""
+    mini_batches: int = 1
+    """Optimiser updates per pass over a step's batch (verl's ppo_mini_batch_size =
+    batch_size / mini_batches). More than one update per step makes the PPO clip and
+    the importance weights act against the log-probs from before the first update."""
+    ppo_epochs: int = 1
+    """Passes over a step's batch (each pass makes mini_batches updates)."""
 
     def __post_init__(self) -> None:
         _check_positive("learner", self, "num_steps", "batch_size", "lr", "micro_batch_tokens")
+        _check_positive("learner", self, "mini_batches", "ppo_epochs")
         _check_positive("learner", self, "max_grad_norm", "checkpoint_every")
         _check_positive("learner", self, "weight_sync_bucket_mb", "weight_sync_timeout_s")
         _check_positive("learner", self, "weight_decay", allow_zero=True)
@@ -388,6 +395,13 @@ class JobConfig:
                 "learner.batch_size", learner.batch_size,
                 f"is smaller than cluster.learners={cluster.learners}, leaving a learner rank without data",
                 f"use at least {cluster.learners} samples per step",
+            )
+        if learner.batch_size < learner.mini_batches * cluster.learners:
+            _fail(
+                "learner.mini_batches", learner.mini_batches,
+                f"splits a batch of {learner.batch_size} samples over {cluster.learners} learner ranks into "
+                "mini-batches some of which would be empty",
+                f"use at most {max(learner.batch_size // cluster.learners, 1)} mini-batches or a larger batch",
             )
         capacity = self.buffer.capacity
         if capacity is not None and capacity < learner.batch_size * (self.async_.max_staleness + 1):

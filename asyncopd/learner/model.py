@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ __all__ = [
     "load_student",
     "make_mesh",
     "shard_model",
+    "TokenStats",
+    "token_stats",
     "token_logprobs",
     "iter_full_weights",
     "model_device",
@@ -41,7 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Name of the FSDP forward method attached by shard_model (runs FSDP's root hooks).
-_LOGPROB_METHOD = "_asyncopd_token_logprobs"
+_STATS_METHOD = "_asyncopd_token_stats"
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -84,7 +88,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     Compute runs in ``param_dtype``, gradients are reduced in float32, master
     weights keep their load dtype. The root keeps its parameters (embeddings,
     final norm, head) unsharded between forward and backward (FSDP's default).
-    Also registers :func:`token_logprobs`' computation as an FSDP forward method,
+    Also registers :func:`token_stats`' computation as an FSDP forward method,
     so it runs under the root's all-gather / reduce-scatter hooks. Gradients are
     *averaged* over ranks (FSDP default): see ``train_step`` for the scaling.
     Works with a 1-rank mesh. Returns ``model`` (now also an ``FSDPModule``).
@@ -93,8 +97,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = t
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-    setattr(model, _LOGPROB_METHOD, functools.partial(_token_logprobs_impl, model))
-    register_fsdp_forward_method(model, _LOGPROB_METHOD)
+    setattr(model, _STATS_METHOD, functools.partial(_token_stats_impl, model))
+    register_fsdp_forward_method(model, _STATS_METHOD)
     logger.info("sharded %s over %d ranks (param_dtype=%s)", type(model).__name__, mesh.size(), param_dtype)
     return model
 
@@ -104,61 +108,109 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _chunk_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """log p(target) for one chunk: hidden [N, H], targets [N] -> [N] float32."""
+@dataclass(frozen=True, slots=True)
+class TokenStats:
+    """Per-position statistics of the student's next-token distribution, all
+    aligned like :func:`token_logprobs` (position ``t`` describes token ``t + 1``)."""
+
+    logprobs: Tensor
+    """float32 [B, T]: log p(input_ids[b, t+1]); 0 at the last position."""
+    entropy: Tensor | None = None
+    """float32 [B, T]: entropy of the whole next-token distribution (with grad)."""
+    topk_logprobs: Tensor | None = None
+    """float32 [B, T, K]: log p of each id in ``topk_ids``; -inf where the id is -1."""
+
+
+def _chunk_stats(head: nn.Module, hidden: Tensor, targets: Tensor, topk_ids: Tensor, temperature: float,
+                 want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk: hidden [N, H], targets [N], topk_ids [N, K] (K may be 0, -1 = none)
+    -> (log p(target) [N], entropy [N] or [0], log p(topk ids) [N, K]), float32."""
     logits = head(hidden).float()  # [N, V]
     if temperature != 1.0:
         logits = logits / temperature
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
-    return picked - torch.logsumexp(logits, dim=-1)  # [N]
+    log_z = torch.logsumexp(logits, dim=-1)  # [N]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # [N]
+    entropy = (log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)) if want_entropy else logits.new_zeros(0)
+    valid = topk_ids >= 0  # [N, K]
+    topk = logits.gather(-1, topk_ids.clamp(min=0)) - log_z.unsqueeze(-1)  # [N, K]
+    topk = torch.where(valid, topk, torch.full_like(topk, -math.inf))
+    return picked, entropy, topk
 
 
-def _token_logprobs_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                         chunk_tokens: int, temperature: float) -> Tensor:
+def _token_stats_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, topk_ids: Tensor | None,
+                      chunk_tokens: int, temperature: float, want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch, seq = input_ids.shape
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state  # [B, T, H]
     head = model.get_output_embeddings()
-    flat_hidden = hidden[:, :-1].reshape(batch * (seq - 1), hidden.shape[-1])  # [N, H]
+    num = batch * (seq - 1)
+    flat_hidden = hidden[:, :-1].reshape(num, hidden.shape[-1])  # [N, H]
     flat_targets = input_ids[:, 1:].reshape(-1)  # [N]
+    k = 0 if topk_ids is None else topk_ids.shape[-1]
+    flat_topk = (input_ids.new_zeros(num, 0) if topk_ids is None
+                 else topk_ids[:, :-1].reshape(num, k).to(input_ids.device))  # [N, K]
     pieces = []
-    for start in range(0, flat_targets.shape[0], chunk_tokens):
-        h, y = flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens]
+    for start in range(0, num, chunk_tokens):
+        args = (head, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens],
+                flat_topk[start:start + chunk_tokens], temperature, want_entropy)
         if torch.is_grad_enabled():
             # Recompute the chunk's [n, V] logits in backward instead of keeping them all.
-            pieces.append(checkpoint(_chunk_logprobs, head, h, y, temperature, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(head, h, y, temperature))
-    logprobs = torch.cat(pieces).reshape(batch, seq - 1)  # [B, T-1]
-    # The last position predicts nothing: pad it with 0 to keep the [B, T] layout.
-    return torch.cat([logprobs, logprobs.new_zeros(batch, 1)], dim=1)  # [B, T]
+            pieces.append(_chunk_stats(*args))
+
+    def assemble(parts: list[Tensor], *trailing: int) -> Tensor:
+        # The last position predicts nothing: pad it with 0 to keep the [B, T] layout.
+        body = torch.cat(parts).reshape(batch, seq - 1, *trailing)
+        return torch.cat([body, body.new_zeros(batch, 1, *trailing)], dim=1)
+
+    logprobs = assemble([p[0] for p in pieces])  # [B, T]
+    entropy = assemble([p[1] for p in pieces]) if want_entropy else logprobs.new_zeros(0)
+    topk = assemble([p[2] for p in pieces], k)  # [B, T, K]
+    return logprobs, entropy, topk
 
 
-def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
-                   chunk_tokens: int = 1024, temperature: float = 1.0) -> Tensor:
-    """Log-prob of each next token: ``out[b, t] = log p(input_ids[b, t+1] | ids[b, :t+1])``.
+def token_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, topk_ids: Tensor | None = None,
+                entropy: bool = False, chunk_tokens: int = 1024, temperature: float = 1.0) -> TokenStats:
+    """The student's next-token log-probs and, on request, entropies and the
+    log-probs of given candidate ids, in one chunked pass over the vocabulary.
 
-    input_ids, attention_mask: [B, T] (right-padded); returns float32 [B, T] with
-    ``out[:, -1] = 0``. The vocabulary projection and log-softmax run over chunks
-    of ``chunk_tokens`` positions (recomputed in backward under autograd), so the
-    full ``[B*T, V]`` logits never exist at once. ``temperature`` divides the
-    logits (match the actors' sampling temperature for importance ratios).
-    Works on plain and :func:`shard_model`-ed models; on a sharded model every
-    rank must call it the same number of times.
+    input_ids, attention_mask: [B, T] (right-padded). ``topk_ids``: int [B, T, K],
+    aligned like the output (ids of candidates for token ``t + 1``), -1 for none.
+    The vocabulary projection and log-softmax run over chunks of ``chunk_tokens``
+    positions (recomputed in backward under autograd), so the full ``[B*T, V]``
+    logits never exist at once. ``temperature`` divides the logits (match the
+    actors' sampling temperature for importance ratios). Works on plain and
+    :func:`shard_model`-ed models; on a sharded model every rank must call it the
+    same number of times.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 2, got {tuple(input_ids.shape)}")
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens={chunk_tokens}: must be positive")
-    fsdp_method = getattr(model, _LOGPROB_METHOD, None)
+    if topk_ids is not None and topk_ids.shape[:2] != input_ids.shape:
+        raise ValueError(f"topk_ids must be [batch, seq, k] matching input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(topk_ids.shape)}")
+    fsdp_method = getattr(model, _STATS_METHOD, None)
+    args = (input_ids, attention_mask, topk_ids, chunk_tokens, temperature, entropy)
     if fsdp_method is None:
-        return _token_logprobs_impl(model, input_ids, attention_mask, chunk_tokens, temperature)
-    out = fsdp_method(input_ids, attention_mask, chunk_tokens, temperature)
-    if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
-        # No backward will reshard the root: do it now, or a later optimizer step
-        # would leave the root's unsharded copy stale.
-        model.reshard()
-    return out
+        logprobs, ent, topk = _token_stats_impl(model, *args)
+    else:
+        logprobs, ent, topk = fsdp_method(*args)
+        if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
+            # No backward will reshard the root: do it now, or a later optimizer step
+            # would leave the root's unsharded copy stale.
+            model.reshard()
+    return TokenStats(logprobs=logprobs, entropy=ent if entropy else None,
+                      topk_logprobs=topk if topk_ids is not None else None)
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
+                   chunk_tokens: int = 1024, temperature: float = 1.0) -> Tensor:
+    """Log-prob of each next token: ``out[b, t] = log p(input_ids[b, t+1] | ids[b, :t+1])``,
+    float32 [B, T] with ``out[:, -1] = 0`` (see :func:`token_stats`)."""
+    return token_stats(model, input_ids, attention_mask, chunk_tokens=chunk_tokens,
+                       temperature=temperature).logprobs
 
 
 @torch.no_grad()

@@ -1,12 +1,15 @@
-"""One optimiser step of the learner, and its optimiser.
+"""One learner step, and its optimiser.
 
-:func:`train_step` is the learner's computational core: for each micro-batch,
-recompute the student's log-probs, build the configured loss
-(:mod:`asyncopd.learner.loss`), accumulate gradients; then clip, step, zero, and
-return metrics that are identical on every learner rank.
+:func:`train_step` is the learner's computational core. A step takes this rank's
+share of the batch, deals it into ``learner.mini_batches`` mini-batches and runs
+``learner.ppo_epochs`` passes over them; each mini-batch is one optimiser update:
+for each of its token-budgeted micro-batches, recompute the student's log-probs
+(and entropies, and top-k candidate log-probs), build the configured loss
+(:mod:`asyncopd.learner.loss`), accumulate gradients; then clip, step, zero.
+Metrics come back identical on every learner rank.
 
-Gradient scale. Each micro-batch's loss is its masked token sum divided by the
-*global* number of response tokens, so summing gradients over micro-batches and
+Gradient scale. Each micro-batch's loss is its masked sum divided by the
+mini-batch's *global* number of response tokens (or sequences), so summing gradients over micro-batches and
 ranks gives exactly the gradient of the global token mean. FSDP2 *averages*
 gradients over the ``dp_size`` ranks in its reduce-scatter; the backward loss is
 therefore multiplied by ``dp_size`` (exact for power-of-two sizes, one rounding
@@ -18,7 +21,8 @@ of micro-batches (a rank with fewer runs empty ones, so FSDP's per-pass
 collectives match) and to sum metrics. With ``dp_size == 1`` it issues none, so
 an unsharded model needs no process group.
 
-This module does not pack batches, publish weights or checkpoint.
+This module does not choose which samples a rank trains on, publish weights or
+checkpoint.
 """
 
 from __future__ import annotations
@@ -33,16 +37,19 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from asyncopd.config import LearnerConfig, LossConfig
-from asyncopd.learner.batching import MicroBatch
+from asyncopd.learner.batching import (
+    MicroBatch,
+    TrainSample,
+    count_response_tokens,
+    count_sequences,
+    pack_micro_batches,
+)
 from asyncopd.learner.loss import LossInputs, compute_loss
-from asyncopd.learner.model import model_device, token_logprobs
+from asyncopd.learner.model import TokenStats, model_device, token_logprobs, token_stats
 
 __all__ = ["make_optimizer", "train_step"]
 
 logger = logging.getLogger(__name__)
-
-# Token-weighted means summed over micro-batches and ranks, then divided by the token count.
-_MEAN_METRICS = ("learner/rkl", "learner/is_clip_frac", "learner/is_ratio_mean", "learner/adv_mean")
 
 
 def make_optimizer(model: nn.Module, cfg: LearnerConfig) -> torch.optim.AdamW:
@@ -60,18 +67,6 @@ def _all_reduce(values: torch.Tensor, op: dist.ReduceOp.RedOpType, dp_size: int)
     return values
 
 
-def _equalise_micro_batches(micro_batches: Sequence[MicroBatch], dp_size: int) -> list[MicroBatch]:
-    """Pad this rank's list with empty micro-batches to the ranks' maximum count."""
-    count = torch.tensor([len(micro_batches)], dtype=torch.int64)
-    target = int(_all_reduce(count, dist.ReduceOp.MAX, dp_size).item())
-    return list(micro_batches) + [MicroBatch.empty() for _ in range(target - len(micro_batches))]
-
-
-def _global_num_tokens(micro_batches: Sequence[MicroBatch], dp_size: int) -> int:
-    count = torch.tensor([sum(mb.num_response_tokens for mb in micro_batches)], dtype=torch.int64)
-    return int(_all_reduce(count, dist.ReduceOp.SUM, dp_size).item())
-
-
 def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
     """Clip (when ``max_norm`` is set) and return the global gradient L2 norm."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -83,17 +78,79 @@ def _grad_norm(model: nn.Module, max_norm: float | None) -> float:
     return float(norm)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[MicroBatch],
-               loss_cfg: LossConfig, learner_cfg: LearnerConfig, global_num_tokens: int | None = None,
-               dp_size: int = 1) -> dict[str, float]:
-    """One optimisation pass over this rank's ``micro_batches``; returns metrics.
+def _local_mini_batches(batch: Sequence[TrainSample], count: int, rank: int, dp_size: int) -> list[list[TrainSample]]:
+    """The whole batch dealt round-robin into ``count`` mini-batches, and this rank's
+    round-robin share of each (the same partition for any number of ranks)."""
+    return [list(batch[i::count][rank::dp_size]) for i in range(count)]
 
-    ``global_num_tokens``: response tokens over all micro-batches of all ranks
-    (None: computed here with one all-reduce). ``dp_size``: number of learner
-    ranks sharing the step (the FSDP mesh size). Every learner rank must call
-    this together. The returned metrics (``learner/loss``, ``learner/rkl``,
-    ``learner/is_clip_frac``, ``learner/is_ratio_mean``, ``learner/adv_mean``,
-    ``learner/grad_norm``, ``learner/num_tokens``) are the same on every rank.
+
+def _prepare(samples: Sequence[TrainSample], learner_cfg: LearnerConfig, top_k: int,
+             dp_size: int) -> tuple[list[MicroBatch], int, int]:
+    """Pack one mini-batch, equalise micro-batch counts over ranks, count its global
+    response tokens and sequences (the normalisers of the loss)."""
+    micro_batches = pack_micro_batches(samples, learner_cfg.micro_batch_tokens)
+    count = torch.tensor([len(micro_batches)], dtype=torch.int64)
+    target = int(_all_reduce(count, dist.ReduceOp.MAX, dp_size).item())
+    micro_batches += [MicroBatch.empty(top_k=top_k) for _ in range(target - len(micro_batches))]
+    totals = torch.tensor([count_response_tokens(samples), count_sequences(samples)], dtype=torch.int64)
+    totals = _all_reduce(totals, dist.ReduceOp.SUM, dp_size)
+    return micro_batches, int(totals[0]), int(totals[1])
+
+
+def _student_stats(model: nn.Module, micro_batch: MicroBatch) -> TokenStats:
+    return token_stats(model, micro_batch.input_ids, micro_batch.attention_mask, topk_ids=micro_batch.topk_ids,
+                       entropy=True)
+
+
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[MicroBatch],
+            lp_olds: Sequence[torch.Tensor] | None, loss_cfg: LossConfig, learner_cfg: LearnerConfig, *,
+            global_num_tokens: int, global_num_seqs: int, dp_size: int,
+            totals: dict[str, float]) -> float:
+    """Forward/backward every micro-batch, clip, step: one optimiser update.
+
+    ``lp_olds``: the student's log-probs before the first update of this step, one
+    per micro-batch (None: this is the only update, so ``lp_old`` is ``lp`` detached).
+    Adds token-weighted metric sums and the loss into ``totals``; returns the
+    gradient norm."""
+    device = model_device(model)
+    for i, micro_batch in enumerate(micro_batches):
+        micro_batch = micro_batch.to(device)
+        stats = _student_stats(model, micro_batch)
+        lp_old = stats.logprobs.detach() if lp_olds is None else lp_olds[i].to(device)
+        inputs = LossInputs(lp=stats.logprobs, lp_old=lp_old, lp_behaviour=micro_batch.lp_behaviour,
+                            lp_teacher=micro_batch.lp_teacher, mask=micro_batch.response_mask,
+                            adv_base=micro_batch.adv_base, entropy=stats.entropy, topk_lp=stats.topk_logprobs,
+                            topk_lp_teacher=micro_batch.topk_lp_teacher,
+                            topk_valid=None if micro_batch.topk_ids is None else micro_batch.topk_ids >= 0)
+        out = compute_loss(inputs, loss_cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
+        (out.loss * dp_size).backward()  # FSDP averages over ranks; see the module docstring
+        totals["learner/loss"] = totals.get("learner/loss", 0.0) + float(out.loss.detach())
+        for key, value in out.metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * out.num_tokens
+    grad_norm = _grad_norm(model, learner_cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence[TrainSample],
+               loss_cfg: LossConfig, learner_cfg: LearnerConfig, *, rank: int = 0, dp_size: int = 1,
+               top_k: int = 0) -> dict[str, float]:
+    """One learner step on the whole ``batch`` (every rank passes the same list and
+    trains on its share: ``rank`` of ``dp_size``); returns metrics.
+
+    The step is ``learner.ppo_epochs`` passes over ``learner.mini_batches``
+    mini-batches, one optimiser update each (the default 1 x 1 is one update on the
+    whole batch). Mini-batch ``i`` is ``batch[i::mini_batches]``, so the updates do
+    not depend on the number of ranks. With more than one update, the student's log-probs before the
+    first update are computed once (no grad) and serve as ``lp_old`` for the PPO
+    clip and the importance weights of every update. ``top_k``: the width of the
+    samples' top-k candidates (``teacher.top_k``-derived; 0 without), so that a
+    rank without samples runs matching empty micro-batches. Every learner rank
+    must call this together. The returned metrics (``learner/loss`` summed over
+    updates; every other ``learner/*`` key a token-weighted mean over all updates;
+    ``learner/grad_norm`` of the last update; ``learner/num_tokens``;
+    ``learner/updates``) are the same on every rank.
     """
     if dp_size < 1:
         raise ValueError(f"dp_size={dp_size}: must be the number of learner ranks (>= 1)")
@@ -101,39 +158,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         raise RuntimeError(f"dp_size={dp_size} but the default process group has {dist.get_world_size()} "
                            "ranks; train_step reduces over the default group, which must be exactly the "
                            "learner ranks")
-    micro_batches = _equalise_micro_batches(micro_batches, dp_size)
-    if global_num_tokens is None:
-        global_num_tokens = _global_num_tokens(micro_batches, dp_size)
-    if global_num_tokens <= 0:
+    minis = [_prepare(mini, learner_cfg, top_k, dp_size)
+             for mini in _local_mini_batches(batch, learner_cfg.mini_batches, rank, dp_size)]
+    minis = [mini for mini in minis if mini[1] > 0]  # a mini-batch without response tokens on any rank
+    if not minis:
         raise ValueError("the batch has no response tokens on any rank; drop empty batches before train_step")
+    num_updates = learner_cfg.ppo_epochs * len(minis)
+    lp_olds: list[list[torch.Tensor]] | None = None
+    if num_updates > 1:
+        device = model_device(model)
+        with torch.no_grad():
+            lp_olds = [[token_logprobs(model, mb.input_ids.to(device), mb.attention_mask.to(device))
+                        for mb in micro_batches] for micro_batches, _, _ in minis]
 
-    device = model_device(model)
-    # Per-rank sums: [loss, token-weighted sums of _MEAN_METRICS..., num_tokens].
-    sums = torch.zeros(len(_MEAN_METRICS) + 2, dtype=torch.float64)
-    for micro_batch in micro_batches:
-        micro_batch = micro_batch.to(device)
-        lp = token_logprobs(model, micro_batch.input_ids, micro_batch.attention_mask)  # [B, T]
-        # One pass per step: the policy at the start of the step is the current one.
-        inputs = LossInputs(lp=lp, lp_old=lp.detach(), lp_behaviour=micro_batch.lp_behaviour,
-                            lp_teacher=micro_batch.lp_teacher, mask=micro_batch.response_mask)
-        out = compute_loss(inputs, loss_cfg, global_num_tokens=global_num_tokens)
-        (out.loss * dp_size).backward()  # FSDP averages over ranks; see the module docstring
-        sums[0] += out.loss.detach().double().item()
-        for i, key in enumerate(_MEAN_METRICS):
-            sums[1 + i] += out.metrics[key].double().item() * out.num_tokens
-        sums[-1] += out.num_tokens
+    totals: dict[str, float] = {}
+    grad_norm = 0.0
+    for _ in range(learner_cfg.ppo_epochs):
+        for i, (micro_batches, num_tokens, num_seqs) in enumerate(minis):
+            grad_norm = _update(model, optimizer, micro_batches, None if lp_olds is None else lp_olds[i],
+                                loss_cfg, learner_cfg, global_num_tokens=num_tokens, global_num_seqs=num_seqs,
+                                dp_size=dp_size, totals=totals)
 
-    grad_norm = _grad_norm(model, learner_cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
+    keys = sorted(totals)  # the same on every rank: same config, same loss outputs
+    sums = torch.tensor([totals[key] for key in keys], dtype=torch.float64)
     sums = _all_reduce(sums, dist.ReduceOp.SUM, dp_size)
-    num_tokens = float(sums[-1])
-    metrics = {"learner/loss": float(sums[0])}
-    for i, key in enumerate(_MEAN_METRICS):
-        metrics[key] = float(sums[1 + i]) / max(num_tokens, 1.0)
+    token_passes = learner_cfg.ppo_epochs * sum(num_tokens for _, num_tokens, _ in minis)
+    metrics = {key: float(value) if key == "learner/loss" else float(value) / token_passes
+               for key, value in zip(keys, sums)}
+    if "learner/adv_sq_mean" in metrics:
+        variance = metrics.pop("learner/adv_sq_mean") - metrics["learner/adv_mean"] ** 2
+        metrics["learner/adv_std"] = math.sqrt(max(variance, 0.0))
     metrics["learner/grad_norm"] = grad_norm
-    metrics["learner/num_tokens"] = num_tokens
+    metrics["learner/num_tokens"] = float(sum(num_tokens for _, num_tokens, _ in minis))
+    metrics["learner/updates"] = float(num_updates)
     if not math.isfinite(metrics["learner/loss"]) or not math.isfinite(grad_norm):
         logger.warning("non-finite learner step: loss=%s grad_norm=%s", metrics["learner/loss"], grad_norm)
     return metrics

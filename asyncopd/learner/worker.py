@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from asyncopd.config import JobConfig
-from asyncopd.learner.batching import TrainSample, pack_micro_batches
+from asyncopd.config import JobConfig, LossConfig
+from asyncopd.learner.batching import TrainSample
 from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.io import LearnerIO
+from asyncopd.learner.loss import sequence_advantages
 from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, shard_model
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
@@ -61,6 +62,15 @@ def _share_batch(batch: list[ScoredRollout] | None, rank: int, world_size: int) 
         payload = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(payload, src=0)
     return batch if rank == 0 else codec.decode_batch(payload.numpy().tobytes())
+
+
+def _train_samples(batch: list[ScoredRollout], loss_cfg: LossConfig) -> list[TrainSample]:
+    """The batch as learner samples, with each sequence's base advantage (GRPO
+    groups / REINFORCE++ whitening) computed over the whole batch."""
+    rewards = np.array([s.rollout.reward for s in batch], dtype=np.float32)
+    group_ids = np.array([s.rollout.group_id for s in batch], dtype=np.int64)
+    advantages = sequence_advantages(rewards, group_ids, loss_cfg)
+    return [TrainSample.from_scored(s, adv_base=float(a)) for s, a in zip(batch, advantages)]
 
 
 def _batch_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
@@ -158,12 +168,10 @@ class Learner:
         batch = self.io.wait_batch(step) if self.index == 0 else None
         wait_s = time.perf_counter() - start
         batch = _share_batch(batch, self.index, self.world)
-        samples = [TrainSample.from_scored(s) for s in batch]
-        local = samples[self.index::self.world]
-        global_tokens = sum(s.num_response_tokens for s in samples)
+        samples = _train_samples(batch, self.cfg.loss)
         train_start = time.perf_counter()
-        metrics = train_step(self.model, self.optimizer, pack_micro_batches(local, self.cfg.learner.micro_batch_tokens),
-                             self.cfg.loss, self.cfg.learner, global_num_tokens=global_tokens, dp_size=self.world)
+        metrics = train_step(self.model, self.optimizer, samples, self.cfg.loss, self.cfg.learner,
+                             rank=self.index, dp_size=self.world, top_k=2 * self.cfg.teacher.top_k)
         train_s = time.perf_counter() - train_start
         self.policy_version += 1
         self.samples_trained += len(batch)

@@ -8,7 +8,8 @@ uses exactly the same ones.
 What a rank does: shard the tiny model, stream its full weights, run 3
 ``train_step``s on its half of the batch (checkpointing after step 1), stream
 the weights again, export HF, then resume step 2 from the checkpoint into a
-fresh model/optimiser.
+fresh model/optimiser, and one step of 2 mini-batches x 2 epochs from the
+initial weights.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from asyncopd.config import LearnerConfig, LossConfig
-from asyncopd.learner.batching import TrainSample, count_response_tokens, pack_micro_batches
+from asyncopd.learner.batching import TrainSample, pack_micro_batches
 
 NUM_STEPS = 3
 TOKEN_BUDGET = 40
@@ -32,6 +33,8 @@ TOKEN_BUDGET = 40
 LENGTHS = [(10, 20), (4, 8), (5, 20), (3, 7), (8, 12), (2, 6)]  # (prompt, response)
 LOSS_CFG = LossConfig(opd_coef=1.0, importance_correction="tis", tis_cap=1.5)
 LEARNER_CFG = LearnerConfig(lr=1e-3, max_grad_norm=0.5, micro_batch_tokens=TOKEN_BUDGET)
+MULTI_LEARNER_CFG = LearnerConfig(lr=1e-3, max_grad_norm=0.5, micro_batch_tokens=TOKEN_BUDGET, mini_batches=2,
+                                  ppo_epochs=2)
 PROBE_IDS = torch.tensor([[5, 17, 33, 60, 2, 9, 41, 77], [3, 3, 50, 12, 90, 8, 1, 0]])  # [2, 8]
 
 
@@ -69,7 +72,6 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
     mesh = make_mesh("cpu")
     samples = synthetic_samples()
     micro_batches = pack_micro_batches(samples[rank::world_size], TOKEN_BUDGET)
-    global_tokens = count_response_tokens(samples)
     run_dir = out_dir / "run"
 
     model, optimizer = _fresh(model_dir, mesh)
@@ -77,8 +79,8 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
     result["weights_initial"] = dict(iter_full_weights(model))
     result["metrics"] = []
     for step in range(1, NUM_STEPS + 1):
-        result["metrics"].append(train_step(model, optimizer, micro_batches, LOSS_CFG, LEARNER_CFG,
-                                            global_tokens, dp_size=world_size))
+        result["metrics"].append(train_step(model, optimizer, samples, LOSS_CFG, LEARNER_CFG, rank=rank,
+                                            dp_size=world_size))
         if step == 1:
             save_checkpoint(checkpoint_dir(run_dir, step), model, optimizer, {"policy_version": step})
     result["weights_final"] = dict(iter_full_weights(model))
@@ -90,9 +92,14 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
     latest = latest_checkpoint(run_dir)
     result["latest"] = str(latest)
     result["extra"] = load_checkpoint(latest, resumed, resumed_optimizer)
-    # global_num_tokens=None: train_step counts it with an all-reduce.
-    result["resumed_metrics"] = train_step(resumed, resumed_optimizer, micro_batches, LOSS_CFG, LEARNER_CFG,
-                                           None, dp_size=world_size)
+    result["resumed_metrics"] = train_step(resumed, resumed_optimizer, samples, LOSS_CFG, LEARNER_CFG, rank=rank,
+                                           dp_size=world_size)
+
+    # Several updates per step (2 mini-batches x 2 epochs) from the initial weights.
+    multi, multi_optimizer = _fresh(model_dir, mesh)
+    result["multi_metrics"] = train_step(multi, multi_optimizer, samples, LOSS_CFG, MULTI_LEARNER_CFG, rank=rank,
+                                         dp_size=world_size)
+    result["multi_weights"] = dict(iter_full_weights(multi))
     torch.save(result, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncopd.learner.batching import count_response_tokens, pack_micro_batches
-from asyncopd.learner.model import load_student, token_logprobs
+from asyncopd.learner.batching import pack_micro_batches
+from asyncopd.learner.model import load_student, token_logprobs, token_stats
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.tasks.tiny import save_tiny_model
 
@@ -90,11 +90,14 @@ def reference(model_dir: Path) -> dict:
     model = load_student(model_dir)
     optimizer = make_optimizer(model, worker.LEARNER_CFG)
     samples = worker.synthetic_samples()
-    micro_batches = pack_micro_batches(samples, worker.TOKEN_BUDGET)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics = [train_step(model, optimizer, micro_batches, worker.LOSS_CFG, worker.LEARNER_CFG,
-                          count_response_tokens(samples), dp_size=1) for _ in range(worker.NUM_STEPS)]
-    return {"initial": initial, "final": model.state_dict(), "metrics": metrics}
+    metrics = [train_step(model, optimizer, samples, worker.LOSS_CFG, worker.LEARNER_CFG)
+               for _ in range(worker.NUM_STEPS)]
+    multi = load_student(model_dir)
+    multi_metrics = train_step(multi, make_optimizer(multi, worker.MULTI_LEARNER_CFG), samples, worker.LOSS_CFG,
+                               worker.MULTI_LEARNER_CFG)
+    return {"initial": initial, "final": model.state_dict(), "metrics": metrics,
+            "multi_metrics": multi_metrics, "multi_final": multi.state_dict()}
 
 
 def test_two_ranks_match_one_unsharded_process(sharded: dict, reference: dict) -> None:
@@ -112,6 +115,21 @@ def test_two_ranks_match_one_unsharded_process(sharded: dict, reference: dict) -
     for name, expected in reference["final"].items():
         assert not torch.equal(expected, reference["initial"][name]), name  # training moved it
         torch.testing.assert_close(ranks[0]["weights_final"][name], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_several_updates_per_step_match_one_unsharded_process(sharded: dict, reference: dict) -> None:
+    """2 mini-batches x 2 epochs: the same 4 updates on 2 ranks as in one process,
+    and the PPO/IS quantities act against the pre-step log-probs (ratios move)."""
+    ref = reference["multi_metrics"]
+    assert ref["learner/updates"] == 4
+    for rank in sharded["ranks"]:
+        got = rank["multi_metrics"]
+        for key in ("learner/loss", "learner/rkl", "learner/is_ratio_mean", "learner/grad_norm"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    for name, expected in reference["multi_final"].items():
+        torch.testing.assert_close(sharded["ranks"][0]["multi_weights"][name], expected, rtol=1e-5, atol=1e-5)
+    single = reference["metrics"][0]
+    assert ref["learner/rkl"] != pytest.approx(single["learner/rkl"], rel=1e-6)  # later updates saw new weights
 
 
 def test_checkpoint_resume_reproduces_step_two(sharded: dict) -> None:
@@ -162,3 +180,36 @@ def test_token_logprobs_match_full_log_softmax(model_dir: Path) -> None:
     assert got.shape == mb.input_ids.shape and torch.all(got[:, -1] == 0)
     mask = mb.attention_mask[:, 1:].bool()
     torch.testing.assert_close(got[:, :-1][mask], expected[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_token_stats_entropy_and_candidate_logprobs(model_dir: Path) -> None:
+    """Entropy and candidate-id log-probs equal a dense log-softmax, gradients included."""
+    model = load_student(model_dir)
+    (mb,) = pack_micro_batches(worker.synthetic_samples()[1::2], token_budget=1000)
+    batch, seq = mb.input_ids.shape
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq, 4), generator=gen)
+    ids[..., -1] = -1  # padding candidates
+    ids[0, 0, :] = -1
+    stats = token_stats(model, mb.input_ids, mb.attention_mask, topk_ids=ids, entropy=True, chunk_tokens=5)
+    dense = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits.float().log_softmax(-1)
+    mask = mb.attention_mask[:, 1:].bool()  # positions that predict a real token
+    entropy = -(dense.exp() * dense).sum(-1)[:, :-1]  # [B, T-1]
+    torch.testing.assert_close(stats.entropy[:, :-1][mask], entropy[mask], rtol=1e-5, atol=1e-5)
+    valid = ids[:, :-1] >= 0
+    candidates = dense[:, :-1].gather(-1, ids[:, :-1].clamp(min=0))  # [B, T-1, K]
+    got = stats.topk_logprobs[:, :-1]
+    torch.testing.assert_close(got[valid & mask[..., None]], candidates[valid & mask[..., None]],
+                               rtol=1e-5, atol=1e-5)
+    assert torch.all(got[~valid] == -float("inf"))
+    # Gradients of a finite combination agree with the dense path.
+    weights = torch.rand(batch, seq - 1, 4, generator=gen)
+    chunked = (stats.entropy[:, :-1][mask].sum()
+               + torch.where(valid, got * weights, torch.zeros_like(got)).sum())
+    reference = (entropy[mask].sum() + torch.where(valid, candidates * weights, torch.zeros_like(candidates)).sum())
+    grads = torch.autograd.grad(chunked, list(model.parameters()), allow_unused=True)
+    expected = torch.autograd.grad(reference, list(model.parameters()), allow_unused=True)
+    for g, e in zip(grads, expected):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

@@ -72,3 +72,31 @@ def test_invalid_samples_and_budget_are_rejected() -> None:
                     behaviour_logprobs=good.behaviour_logprobs, teacher_logprobs=good.teacher_logprobs)
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         pack_micro_batches([good], token_budget=0)
+
+
+def test_top_k_candidates_and_base_advantage_follow_the_alignment() -> None:
+    import dataclasses
+
+    plain = _sample(2, 3)
+    ids = np.array([[5, 6, -1, -1], [7, -1, -1, -1], [8, 9, 10, -1]], dtype=np.int32)
+    lps = -np.arange(12, dtype=np.float32).reshape(3, 4)
+    sample = dataclasses.replace(plain, adv_base=0.5, topk_ids=ids, topk_logprobs=lps)
+    short = dataclasses.replace(_sample(1, 0, start=30), topk_ids=np.zeros((0, 4), np.int32),
+                                topk_logprobs=np.zeros((0, 4), np.float32))
+    (mb,) = pack_micro_batches([sample, short], token_budget=64)
+    assert mb.topk_ids.shape == (2, 5, 4) and mb.num_sequences == 1
+    assert mb.topk_ids[0, 1:4].tolist() == ids.tolist()  # response token i is predicted at prompt_len - 1 + i
+    assert mb.topk_ids[0, 0].tolist() == [-1] * 4 and mb.topk_ids[1].eq(-1).all()
+    assert mb.topk_lp_teacher[0, 1:4].tolist() == lps.tolist()
+    assert mb.adv_base[0].tolist() == [0, 0.5, 0.5, 0.5, 0] and mb.adv_base[1].eq(0).all()
+
+
+def test_mixed_top_k_widths_are_refused() -> None:
+    import dataclasses
+
+    ids = np.zeros((3, 2), np.int32)
+    with_k = dataclasses.replace(_sample(2, 3), topk_ids=ids, topk_logprobs=ids.astype(np.float32))
+    with pytest.raises(ValueError, match="teacher.top_k"):
+        pack_micro_batches([with_k, _sample(2, 3)], token_budget=64)
+    with pytest.raises(ValueError, match="both or neither"):
+        dataclasses.replace(_sample(2, 3), topk_ids=ids)
