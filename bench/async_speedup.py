@@ -11,13 +11,25 @@ t_gen is the actor's engine time per step, t_score the teacher forward time per
 batch, t_train the learner's train step plus weight publication. The last line is
 ``async_speedup <measured> ideal <bound> efficiency <measured/bound>``.
 
-Usage: python bench/async_speedup.py [--steps N] [--warmup K] [extra overrides...]
+That ideal assumes the three phases of *different* steps overlap completely. Two
+further limits are printed beside it (the line before last), both also from the
+synchronous run's phase times:
+
+- staleness: batch k+1 may only be generated once the learner reaches version
+  k+1-eta, so one cycle of generate -> score -> train spans at most eta+1 steps:
+  step >= (t_gen + t_score + t_train) / (eta + 1), a speedup of at most eta + 1.
+  At eta = 1 only two phases overlap at a time; the ideal above needs eta >= 2.
+- cores: each role runs on its own thread budget (1 thread each by default), so
+  with C cores a step needs at least (t_gen + t_score + t_train) / C: speedup <= C.
+
+Usage: python bench/async_speedup.py [--steps N] [--warmup K] [--eta E] [extra overrides...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,17 +64,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--eta", type=int, default=1, help="staleness bound of the overlapped run")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory(prefix="asyncopd-bench-") as tmp:
         sync = phase_times(run(0, Path(tmp) / "eta0", args.steps, extra), args.warmup)
-        overlap = phase_times(run(1, Path(tmp) / "eta1", args.steps, extra), args.warmup)
+        overlap = phase_times(run(args.eta, Path(tmp) / f"eta{args.eta}", args.steps, extra), args.warmup)
     phases = (sync["gen"], sync["score"], sync["train"])
-    ideal = sum(phases) / max(phases)
+    total = sum(phases)
+    ideal = total / max(phases)
+    cores = len(os.sched_getaffinity(0))
+    attainable = min(ideal, args.eta + 1, cores)
     measured = sync["step"] / overlap["step"]
-    print(f"eta=0 step {sync['step']:.3f}s  (t_gen {sync['gen']:.3f}s, t_score {sync['score']:.3f}s, "
-          f"t_train {sync['train']:.3f}s)")
-    print(f"eta=1 step {overlap['step']:.3f}s  (t_gen {overlap['gen']:.3f}s, t_score {overlap['score']:.3f}s, "
-          f"t_train {overlap['train']:.3f}s)")
+    for eta, times in ((0, sync), (args.eta, overlap)):
+        print(f"eta={eta} step {times['step']:.3f}s  (t_gen {times['gen']:.3f}s, t_score {times['score']:.3f}s, "
+              f"t_train {times['train']:.3f}s)")
+    print(f"limits: speedup <= {args.eta + 1} by staleness (eta={args.eta}), <= {cores} by cores; "
+          f"attainable {attainable:.3f}, efficiency vs attainable {measured / attainable:.3f}")
     print(f"async_speedup {measured:.3f} ideal {ideal:.3f} efficiency {measured / ideal:.3f}")
 
 
