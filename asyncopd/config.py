@@ -220,10 +220,17 @@ class TeacherConfig:
     on_failure: Literal["drop", "fail"] = "drop"
     """What happens to a rollout no teacher scored: "drop" counts it
     (actor/rollouts_unscored) and samples its slot again; "fail" stops the job."""
+    top_k: int = 0
+    """Top-k distillation width k (0 = off). With k > 0 each actor records the
+    behaviour distribution's k most likely ids per generated token (vLLM
+    ``logprobs=k``; the engine's ``max_logprobs`` is raised to k), and the teacher
+    returns, per response token, its own top-k ids followed by the student's ids it
+    lacks, padded with -1 to 2k, with its log-prob of each (the top-k reverse KL's
+    support). At most MAX_TOP_K and at most the vocabulary size."""
 
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
-        _check_positive("teacher", self, "max_retries", allow_zero=True)
+        _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -257,21 +264,98 @@ class BufferConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
-    """The per-token objective (see learner/loss.py)."""
+    """The per-token objective (see learner/loss.py):
+    ``pg_coef * L_pg + kl_loss_coef * L_kl - entropy_coef * H``."""
 
+    advantage: Literal["opd", "grpo", "reinforce_pp"] = "opd"
+    """Per-token advantage of the policy-gradient term L_pg. "opd": opd_coef times the
+    (discounted) OPD signal r_t = lp_teacher - lp_old; works with one sample per
+    prompt. "grpo": the sequence's group-normalised reward (actor.samples_per_prompt
+    samples per group) plus opd_penalty_coef times the OPD signal. "reinforce_pp": the
+    same with the reward whitened over the whole batch instead of per group."""
     opd_coef: float = 1.0
-    """Scale of the OPD advantage A_t = opd_coef * (lp_teacher - lp_old)."""
-    importance_correction: Literal["tis", "none"] = "tis"
-    """Correction between the actors' behaviour policy and the learner: truncated
-    importance sampling (weight min(exp(lp_old - lp_behaviour), tis_cap)) or none."""
+    """Scale of the OPD advantage (advantage="opd" only), dimensionless."""
+    opd_penalty_coef: float = 0.0
+    """Scale of the OPD signal added to the reward advantage as a reverse-KL penalty
+    (advantage="grpo" / "reinforce_pp" only); 0 = plain GRPO / REINFORCE++."""
+    discount: float = 0.0
+    """gamma in [0, 1]: the OPD signal of token t becomes sum_{s>=t} gamma^(s-t) r_s over
+    the later response tokens of the same sequence (s-t counted in response tokens).
+    0 = each token's own r_t."""
+    grpo_std_norm: bool = True
+    """GRPO: divide the group-centred reward by the group's standard deviation (+1e-6);
+    False = Dr. GRPO style, centring only."""
+    kl_loss: Literal["none", "k1", "k2", "k3", "topk"] = "none"
+    """Direct KL loss L_kl with gradient through the student (KDRL / pure KD). On the
+    sampled tokens, with d = lp - lp_teacher: "k1" = d, "k2" = d^2 / 2 (its gradient is
+    the reverse KL's), "k3" = exp(-d) + d - 1 (verl low_var_kl; its gradient is the
+    forward KL's). "topk": the exact reverse KL over the union of teacher and student
+    top-k ids plus one tail bucket (needs teacher.top_k > 0). "none": no KL loss.
+    k1's expected gradient on on-policy samples is zero: use it as a metric or an
+    advantage, rarely as a loss."""
+    kl_clamp: float | None = None
+    """Clamp the k1/k2/k3 estimator to [-kl_clamp, kl_clamp] (nats; gradient zero
+    outside; verl's low_var_kl uses 10). None = no clamp."""
+    pg_coef: float = 1.0
+    """Weight of the policy-gradient term (AReaL rl_weight); 0 = pure distillation
+    by kl_loss."""
+    kl_loss_coef: float = 1.0
+    """Weight of the direct KL loss (AReaL distill_weight); unused with kl_loss="none"."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus: the loss subtracts entropy_coef times the student's
+    aggregated per-token entropy (nats). 0 = off."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """How per-token losses become one scalar (verl semantics): "token-mean" = mean over
+    all response tokens of the global batch; "seq-mean-token-mean" = mean over the
+    batch's sequences of each sequence's token mean; "seq-mean-token-sum" = mean over
+    sequences of each sequence's token sum. Sequences without response tokens do not count."""
+    importance_correction: Literal["tis", "seq_tis", "mask", "decoupled_ppo", "none"] = "tis"
+    """Correction between the actors' behaviour policy and the learner, from the ratio
+    exp(lp_old - lp_behaviour): "tis" = per-token weight min(ratio, tis_cap);
+    "seq_tis" = min(exp(sum over the sequence of the log ratio), tis_cap) for every token
+    of the sequence; "mask" = weight 1 for tokens with ratio in [is_mask_low,
+    is_mask_high], 0 (dropped, counted) otherwise; "decoupled_ppo" (AReaL) = "tis"
+    weights with the PPO clip against lp_old mandatory; "none" = weight 1."""
     tis_cap: float = 2.0
-    """Upper bound C of the truncated importance weight."""
-    aggregation: Literal["token-mean"] = "token-mean"
-    """How per-token losses become one scalar: the mean over all response tokens of
-    the global batch."""
+    """Upper bound C of the truncated importance weight (tis, seq_tis, decoupled_ppo)."""
+    is_mask_low: float = 0.5
+    """importance_correction="mask": tokens with ratio below this are dropped."""
+    is_mask_high: float = 2.0
+    """importance_correction="mask": tokens with ratio above this are dropped."""
+    ppo_clip_low: float | None = 0.2
+    """PPO clip epsilon_low: the ratio exp(lp - lp_old) is clipped below at
+    1 - ppo_clip_low. A no-op (value and gradient) while lp == lp_old, i.e. with one
+    update per step; it acts when learner.ppo_epochs * learner.mini_batches > 1.
+    None = no clip (not allowed with decoupled_ppo)."""
+    ppo_clip_high: float | None = 0.28
+    """PPO clip epsilon_high: the ratio is clipped above at 1 + ppo_clip_high (DAPO's
+    clip-higher). None = no clip (not allowed with decoupled_ppo)."""
 
     def __post_init__(self) -> None:
-        _check_positive("loss", self, "tis_cap")
+        _check_positive("loss", self, "tis_cap", "is_mask_high", "kl_clamp", "ppo_clip_high")
+        _check_positive("loss", self, "opd_coef", "opd_penalty_coef", "pg_coef", "kl_loss_coef", "entropy_coef",
+                        "is_mask_low", allow_zero=True)
+        if not 0.0 <= self.discount <= 1.0:
+            _fail("loss.discount", self.discount, "must be in [0, 1]", "use 0 (no discount) or a gamma such as 0.99")
+        if self.is_mask_low >= self.is_mask_high:
+            _fail("loss.is_mask_low", self.is_mask_low,
+                  f"must be below loss.is_mask_high={self.is_mask_high} (no ratio would be kept)",
+                  "use a band around 1 such as is_mask_low=0.5, is_mask_high=2.0")
+        if self.ppo_clip_low is not None and not 0.0 < self.ppo_clip_low < 1.0:
+            _fail("loss.ppo_clip_low", self.ppo_clip_low, "must be in (0, 1) (the lower clip bound is 1 - it)",
+                  "use a value such as 0.2, or null to disable the PPO clip")
+        if self.importance_correction == "decoupled_ppo" and None in (self.ppo_clip_low, self.ppo_clip_high):
+            field_name = "loss.ppo_clip_low" if self.ppo_clip_low is None else "loss.ppo_clip_high"
+            _fail(field_name, None, "the decoupled PPO objective (loss.importance_correction=decoupled_ppo) "
+                  "needs both PPO clip bounds",
+                  "set loss.ppo_clip_low and loss.ppo_clip_high (e.g. 0.2 and 0.28), or use "
+                  "loss.importance_correction=tis")
+        kl_active = self.kl_loss != "none" and self.kl_loss_coef > 0
+        if self.pg_coef == 0 and not kl_active and self.entropy_coef == 0:
+            _fail("loss.pg_coef", self.pg_coef,
+                  f"with loss.kl_loss={self.kl_loss!r}, loss.kl_loss_coef={self.kl_loss_coef} and "
+                  "loss.entropy_coef=0 the loss is identically zero: nothing to train",
+                  "set loss.pg_coef > 0, or choose a loss.kl_loss with loss.kl_loss_coef > 0 (pure distillation)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -403,6 +487,7 @@ class JobConfig:
                 "mini-batches some of which would be empty",
                 f"use at most {max(learner.batch_size // cluster.learners, 1)} mini-batches or a larger batch",
             )
+        self._check_loss()
         capacity = self.buffer.capacity
         if capacity is not None and capacity < learner.batch_size * (self.async_.max_staleness + 1):
             need = learner.batch_size * (self.async_.max_staleness + 1)
@@ -411,6 +496,28 @@ class JobConfig:
                 f"cannot hold the {self.async_.max_staleness + 1} batches the actors may run ahead",
                 f"set buffer.capacity >= {need} (batch_size * (async.max_staleness + 1)) or leave it null",
             )
+
+    def _check_loss(self) -> None:
+        """The objective against the groups it needs (single-group checks live in
+        LossConfig.__post_init__)."""
+        loss = self.loss
+        if loss.advantage == "grpo" and self.actor.samples_per_prompt == 1:
+            _fail("loss.advantage", loss.advantage,
+                  "normalises rewards within groups of actor.samples_per_prompt=1 samples, so every "
+                  "advantage is 0",
+                  "set actor.samples_per_prompt >= 2 (e.g. 8), or use loss.advantage=reinforce_pp "
+                  "(batch-normalised) or loss.advantage=opd")
+        if loss.advantage != "opd" and self.task.reward == "none":
+            kdrl = loss.kl_loss != "none" and loss.pg_coef > 0
+            _fail("loss.advantage", loss.advantage,
+                  ("KDRL without a reward: " if kdrl else "")
+                  + "the advantage is built from rewards but task.reward='none' gives none",
+                  "choose a reward function in task.reward (e.g. exact_match), or distil without rewards: "
+                  "loss.advantage=opd, or loss.pg_coef=0 with a loss.kl_loss")
+        if loss.kl_loss == "topk" and self.teacher.top_k == 0:
+            _fail("loss.kl_loss", loss.kl_loss,
+                  "the top-k reverse KL needs the teacher's top-k log-probs but teacher.top_k=0",
+                  "set teacher.top_k > 0 (e.g. 16), or use a sampled-token loss.kl_loss such as k3")
 
     @property
     def buffer_capacity(self) -> int:

@@ -3,32 +3,45 @@
 Every function here takes ``[batch, seq]`` tensors already aligned so that
 position ``t`` holds the log-prob of the token at ``t + 1`` (see
 :mod:`asyncopd.learner.batching`), plus a boolean ``mask`` that is True exactly on
-response tokens. Padding may hold any value, including ``inf``/``nan`` in the
-caller's log-prob arrays: masked-out positions never reach the loss or a metric.
+response tokens. Padding may hold any value, including ``inf``/``nan``: the first
+thing :func:`compute_loss` does is replace it with finite, neutral values
+(``torch.where``, never a multiplication by the mask), so padding reaches no loss,
+metric or gradient.
 
 Naming (DESIGN.md, "The loss"):
 
 - ``lp``           student log-prob now, carries the gradient;
 - ``lp_old``       student log-prob at the start of the step (no grad);
 - ``lp_behaviour`` the actor's sampling log-prob;
-- ``lp_teacher``   the teacher's log-prob of the same token.
+- ``lp_teacher``   the teacher's log-prob of the same token;
+- ``r_t = lp_teacher - lp_old`` the OPD signal (the negative reverse-KL estimate).
 
-:func:`compute_loss` composes the pieces from a :class:`LossConfig`; the three
-building blocks (:func:`opd_advantages`, :func:`importance_weights`,
-:func:`policy_gradient_loss`) are public so that later objectives (GRPO, k1-k3 KL,
-top-k KL, PPO clip, other aggregations) are new entries in the small dispatch
-tables below rather than rewrites.
+The objective (:class:`~asyncopd.config.LossConfig`) is
+``pg_coef * L_pg + kl_loss_coef * L_kl - entropy_coef * H``, each term one
+aggregation (token or sequence mean, with *global* normalisers) of a per-token
+quantity:
+
+- ``L_pg``: ``-w_t * min(rho_t * A_t, clip(rho_t) * A_t)``, ``rho_t = exp(lp - lp_old)``
+  (no clip when ``ppo_clip_*`` are None), ``A_t`` from ``_ADVANTAGES``, ``w_t`` from
+  ``_CORRECTIONS``;
+- ``L_kl``: a sampled-token estimator or the top-k reverse KL (``_KL_LOSSES``);
+- ``H``: the student's entropy per position (an input).
+
+Each option is one entry of a small dispatch table; every combination is
+checked against a per-token Python reference in ``tests/unit/test_loss.py``.
 
 This module knows nothing about models, micro-batches, devices or
 torch.distributed; :mod:`asyncopd.learner.train` sums its outputs over
-micro-batches and ranks.
+micro-batches and ranks (and passes the global token and sequence counts).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,20 +50,36 @@ from asyncopd.config import LossConfig
 __all__ = [
     "LossInputs",
     "LossOutput",
-    "opd_advantages",
+    "ImportanceWeights",
+    "sequence_advantages",
+    "discounted_sum",
+    "token_advantages",
     "importance_weights",
-    "policy_gradient_loss",
+    "policy_gradient_per_token",
+    "kl_per_token",
+    "topk_reverse_kl",
+    "aggregation_weights",
     "compute_loss",
 ]
 
-# exp() of a larger log-ratio is treated as this; far above any sensible TIS cap,
-# it only keeps metrics finite when a behaviour log-prob is -inf.
+# exp() of a larger log-ratio is treated as this (verl clamps the same way): far above
+# any sensible cap, it keeps ratios and k3 finite when a log-prob is extreme or -inf.
 _MAX_LOG_RATIO = 20.0
+# Smallest tail mass of the top-k KL's tail bucket. The student's top-k log-probs come
+# from a float32 log-softmax whose absolute error is ~1e-6 for logits of order 10, so
+# 1 - sum(p) below this is noise; both tails are clamped alike, so two negligible
+# tails contribute nothing rather than a spurious log-ratio gradient.
+_TAIL_EPS = 1e-6
+# Added to standard deviations before dividing (GRPO / REINFORCE++ normalisation).
+_STD_EPS = 1e-6
+# Positions per block of the discounted sum (memory [batch, block, block]).
+_DISCOUNT_BLOCK = 128
 
 
 @dataclass(frozen=True, slots=True)
 class LossInputs:
-    """Per-token tensors of one micro-batch, all ``[batch, seq]`` and aligned."""
+    """Per-token tensors of one micro-batch, all ``[batch, seq]`` and aligned;
+    padding (``~mask``) may hold anything, including inf/nan."""
 
     lp: Tensor
     """float32 [B, T]: student log-probs now (requires grad)."""
@@ -62,6 +91,20 @@ class LossInputs:
     """float32 [B, T]: the teacher's log-probs."""
     mask: Tensor
     """bool [B, T]: True on response tokens."""
+    adv_base: Tensor | None = None
+    """float32 [B, T]: the row's sequence base advantage (:func:`sequence_advantages`)
+    on each of its tokens; needed by advantage "grpo" / "reinforce_pp"."""
+    entropy: Tensor | None = None
+    """float32 [B, T]: the student's entropy per position (with grad when
+    entropy_coef > 0); None: no entropy bonus, metric 0."""
+    topk_lp: Tensor | None = None
+    """float32 [B, T, K]: student log-probs of the top-k union ids (with grad);
+    any value (e.g. -inf) where not ``topk_valid``."""
+    topk_lp_teacher: Tensor | None = None
+    """float32 [B, T, K]: teacher log-probs of the same ids; any value where invalid."""
+    topk_valid: Tensor | None = None
+    """bool [B, T, K]: True where the candidate id exists (K = 2k: teacher top-k, then
+    the student's top-k ids the teacher lacks, -1 padded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,107 +120,387 @@ class LossOutput:
     """Masked (response) tokens in this micro-batch: the weight of its metrics."""
 
 
+@dataclass(frozen=True, slots=True)
+class ImportanceWeights:
+    """Behaviour -> learner correction of one micro-batch, all [B, T], no grad, and
+    False / 0 on padding."""
+
+    weights: Tensor
+    """float [B, T]: w_t multiplying the policy-gradient term."""
+    ratio: Tensor
+    """float [B, T]: the raw token ratio exp(lp_old - lp_behaviour) (log clamped at 20)."""
+    capped: Tensor
+    """bool [B, T]: the weight was truncated at tis_cap."""
+    dropped: Tensor
+    """bool [B, T]: the token was dropped by the masked-IS band."""
+
+
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` [B, T] where ``mask``; 0 when the mask is empty."""
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return total / mask.sum().clamp(min=1)
 
 
-def opd_advantages(lp_teacher: Tensor, lp_old: Tensor, coef: float) -> Tensor:
-    """OPD advantage ``coef * (lp_teacher - lp_old)``, [B, T], no grad.
+def _neutral_padding(inputs: LossInputs) -> LossInputs:
+    """A copy whose padding holds finite, neutral values: log-probs equal to
+    ``lp_old = 0`` (ratios 1, signals 0), entropy and base advantage 0, no valid
+    top-k candidate. ``lp`` keeps its graph on response tokens only."""
+    mask = inputs.mask
+    lp_old = torch.where(mask, inputs.lp_old.detach(), 0.0)
 
-    It is the negative per-token reverse KL estimate, recomputed at learner time
-    against the current student (``lp_old``), not the behaviour policy.
+    def on_mask(values: Tensor | None, fill: Tensor | float) -> Tensor | None:
+        return None if values is None else torch.where(mask, values, fill)
+
+    valid = None if inputs.topk_valid is None else inputs.topk_valid & mask.unsqueeze(-1)
+
+    def on_valid(values: Tensor | None) -> Tensor | None:
+        return None if values is None or valid is None else torch.where(valid, values, 0.0)
+
+    return LossInputs(lp=on_mask(inputs.lp, lp_old), lp_old=lp_old,
+                      lp_behaviour=on_mask(inputs.lp_behaviour.detach(), lp_old),
+                      lp_teacher=on_mask(inputs.lp_teacher.detach(), lp_old), mask=mask,
+                      adv_base=on_mask(inputs.adv_base, 0.0), entropy=on_mask(inputs.entropy, 0.0),
+                      topk_lp=on_valid(inputs.topk_lp),
+                      topk_lp_teacher=on_valid(None if inputs.topk_lp_teacher is None
+                                               else inputs.topk_lp_teacher.detach()),
+                      topk_valid=valid)
+
+
+# --- advantages ------------------------------------------------------------------------
+
+def sequence_advantages(rewards: np.ndarray | Tensor, group_ids: np.ndarray | Tensor,
+                        cfg: LossConfig) -> Tensor:
+    """Per-sequence base advantage A_base, float32 [N], from rewards [N] and group ids [N].
+
+    "grpo": ``(R - mean_group) / (std_group + 1e-6)`` (unbiased std, as verl and TRL),
+    or ``R - mean_group`` without ``grpo_std_norm``; a group of one gets 0.
+    "reinforce_pp": ``(R - mean_batch) / (std_batch + 1e-6)``. "opd": zeros.
     """
-    return (coef * (lp_teacher - lp_old)).detach()  # [B, T]
+    rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)  # [N]
+    group_ids = torch.as_tensor(group_ids).reshape(-1)  # [N]
+    if rewards.shape != group_ids.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} differ in length")
+    if cfg.advantage == "opd" or rewards.numel() == 0:
+        return torch.zeros(rewards.shape, dtype=torch.float32)
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"loss.advantage={cfg.advantage!r} needs a finite reward per sample, got NaN/inf "
+                         "(task.reward='none' gives none); choose a reward in task.reward or use loss.advantage=opd")
+    if cfg.advantage == "reinforce_pp":
+        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        return ((rewards - rewards.mean()) / (std + _STD_EPS)).float()
+    if cfg.advantage != "grpo":
+        raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; use opd, grpo or reinforce_pp")
+    _, group = torch.unique(group_ids, return_inverse=True)  # [N] dense group index
+    counts = torch.bincount(group).to(rewards.dtype)  # [G]
+    means = torch.zeros_like(counts).index_add_(0, group, rewards) / counts
+    centred = rewards - means[group]  # [N]
+    if not cfg.grpo_std_norm:
+        return centred.float()
+    variances = torch.zeros_like(counts).index_add_(0, group, centred**2) / (counts - 1).clamp(min=1)
+    return (centred / (variances.sqrt()[group] + _STD_EPS)).float()
 
 
-def importance_weights(lp_old: Tensor, lp_behaviour: Tensor, mode: str, cap: float,
-                       mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-token importance weights correcting behaviour -> learner, no grad.
+def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
+    """``out[b, t] = sum_{s >= t, mask[b, s]} discount^(n_b(t, s)) * values[b, s]`` on
+    response positions (0 elsewhere), where ``n_b(t, s)`` counts row b's response
+    tokens in ``(t, s]``. discount 0 returns ``values`` on the mask. [B, T] -> [B, T].
 
-    ``mode="tis"``: truncated IS, ``min(exp(lp_old - lp_behaviour), cap)``;
-    ``mode="none"``: all ones. Returns ``(weights [B, T], clipped [B, T] bool)``
-    where ``clipped`` marks tokens whose raw ratio exceeded ``cap`` (always False
-    for ``none``). Where ``mask`` is given, padding gets weight 0 and clipped False.
+    Blocked over positions (exact, no per-position Python loop): within a block a
+    [B, block, block] matrix of non-positive powers of the discount, across blocks
+    a carried sum, so no power ever overflows.
     """
-    with torch.no_grad():
-        if mode == "tis":
-            ratio = torch.exp((lp_old - lp_behaviour).clamp(max=_MAX_LOG_RATIO))  # [B, T]
-            clipped = ratio > cap
-            weights = ratio.clamp(max=cap)
-        elif mode == "none":
-            weights = torch.ones_like(lp_old)
-            clipped = torch.zeros_like(lp_old, dtype=torch.bool)
-        else:
-            raise ValueError(f"importance correction {mode!r} is unknown; use 'tis' or 'none' "
-                             "(loss.importance_correction)")
-        if mask is not None:
-            weights = torch.where(mask, weights, torch.zeros_like(weights))
-            clipped = clipped & mask
-    return weights, clipped
+    values = torch.where(mask, values, torch.zeros_like(values))
+    if discount == 0.0 or values.shape[-1] == 0:
+        return values
+    log_discount = math.log(discount)  # <= 0
+    batch, seq = values.shape
+    index = mask.cumsum(-1).to(values.dtype)  # [B, T]: response tokens up to and including t
+    out = torch.zeros_like(values)
+    carry = values.new_zeros(batch, 1)  # sum from the first response token after the block on
+    for start in range(((seq - 1) // _DISCOUNT_BLOCK) * _DISCOUNT_BLOCK, -1, -_DISCOUNT_BLOCK):
+        end = min(start + _DISCOUNT_BLOCK, seq)
+        idx, vals, keep = index[:, start:end], values[:, start:end], mask[:, start:end]  # [B, n]
+        before = index[:, start - 1:start] if start > 0 else torch.zeros_like(carry)  # [B, 1]
+        after = idx[:, -1:] + 1  # [B, 1]: token index of the carry's first token
+        steps = (idx.unsqueeze(1) - idx.unsqueeze(2)).clamp(min=0)  # [B, t, s]: n(t, s) for s >= t
+        later = torch.ones(end - start, end - start, dtype=torch.bool, device=mask.device).triu()
+        powers = torch.where(later & keep.unsqueeze(1), torch.exp(steps * log_discount), 0.0)
+        out[:, start:end] = (powers @ vals.unsqueeze(-1)).squeeze(-1) + torch.exp((after - idx) * log_discount) * carry
+        first = torch.where(keep, torch.exp((idx - before - 1).clamp(min=0) * log_discount), 0.0)  # [B, n]
+        carry = (first * vals).sum(-1, keepdim=True) + torch.exp((after - before - 1) * log_discount) * carry
+    return torch.where(mask, out, torch.zeros_like(out))
 
 
-def _token_mean(per_token: Tensor, mask: Tensor, global_num_tokens: int) -> Tensor:
-    """Sum over masked tokens / the global token count (data-parallel exact mean)."""
-    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / global_num_tokens
+def _opd_signal(x: LossInputs, cfg: LossConfig) -> Tensor:
+    return discounted_sum(x.lp_teacher - x.lp_old, x.mask, cfg.discount)  # [B, T]
 
 
-# aggregation name -> (per-token loss [B, T], mask [B, T], global token count) -> scalar.
-# seq-mean-token-mean / seq-mean-token-sum need a global sequence count: extend the
-# normaliser argument when they are added.
-_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
-    "token-mean": _token_mean,
+def _opd_advantage(x: LossInputs, cfg: LossConfig) -> Tensor:
+    return cfg.opd_coef * _opd_signal(x, cfg)
+
+
+def _penalised_base_advantage(x: LossInputs, cfg: LossConfig) -> Tensor:
+    if x.adv_base is None:
+        raise ValueError(f"loss.advantage={cfg.advantage!r} needs LossInputs.adv_base (the per-sequence "
+                         "advantages of sequence_advantages, broadcast over each row's tokens)")
+    return x.adv_base + cfg.opd_penalty_coef * _opd_signal(x, cfg)
+
+
+# loss.advantage -> (neutral-padded inputs, cfg) -> A_t [B, T]
+_ADVANTAGES: dict[str, Callable[[LossInputs, LossConfig], Tensor]] = {
+    "opd": _opd_advantage,
+    "grpo": _penalised_base_advantage,
+    "reinforce_pp": _penalised_base_advantage,
 }
 
 
-def policy_gradient_loss(lp: Tensor, lp_old: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
-                         *, aggregation: str = "token-mean",
-                         global_num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Importance-weighted policy-gradient loss of one micro-batch.
+def token_advantages(x: LossInputs, cfg: LossConfig) -> Tensor:
+    """A_t [B, T] of the configured ``loss.advantage`` on neutral-padded inputs, no grad."""
+    if cfg.advantage not in _ADVANTAGES:
+        raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; choose one of {sorted(_ADVANTAGES)}")
+    with torch.no_grad():
+        return _ADVANTAGES[cfg.advantage](x, cfg)
 
-    Per token: ``-weights * advantages * exp(lp - lp_old)``; the ratio equals 1 at
-    ``lp == lp_old`` but carries the gradient of ``lp``, so the gradient is
-    ``-weights * advantages * grad(lp)``. ``global_num_tokens`` is the number of
-    masked tokens over *all* micro-batches and data-parallel ranks, so summing
-    the returned values over them gives the exact global token mean.
 
-    Returns ``(loss_contribution, metrics)``; metrics are detached means over this
-    micro-batch's masked tokens (``learner/adv_mean``).
-    """
+# --- importance corrections -------------------------------------------------------------
+
+def _exp_ratio(log_ratio: Tensor) -> Tensor:
+    return torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
+
+
+def _truncated(ratio: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    return ratio.clamp(max=cfg.tis_cap), ratio > cfg.tis_cap, torch.zeros_like(ratio, dtype=torch.bool)
+
+
+def _token_tis(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    return _truncated(_exp_ratio(log_ratio), cfg)
+
+
+def _sequence_tis(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    sequence = torch.where(mask, log_ratio, 0.0).sum(-1, keepdim=True)  # [B, 1]
+    return _truncated(_exp_ratio(sequence).expand_as(log_ratio), cfg)
+
+
+def _masked_is(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    ratio = _exp_ratio(log_ratio)
+    kept = (ratio >= cfg.is_mask_low) & (ratio <= cfg.is_mask_high)
+    return kept.to(ratio.dtype), torch.zeros_like(kept), ~kept
+
+
+def _no_correction(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    never = torch.zeros_like(log_ratio, dtype=torch.bool)
+    return torch.ones_like(log_ratio), never, never
+
+
+# loss.importance_correction -> (log ratio lp_old - lp_behaviour, mask, cfg) -> (weights, capped, dropped).
+# decoupled_ppo's behaviour weight is the token TIS weight; its PPO clip is applied by
+# policy_gradient_per_token, which config validation makes mandatory for it.
+_CORRECTIONS: dict[str, Callable[[Tensor, Tensor, LossConfig], tuple[Tensor, Tensor, Tensor]]] = {
+    "tis": _token_tis,
+    "seq_tis": _sequence_tis,
+    "mask": _masked_is,
+    "decoupled_ppo": _token_tis,
+    "none": _no_correction,
+}
+
+
+def importance_weights(lp_old: Tensor, lp_behaviour: Tensor, mask: Tensor, cfg: LossConfig) -> ImportanceWeights:
+    """The configured behaviour -> learner correction (``loss.importance_correction``)
+    from finite [B, T] log-probs; no grad; padding gets weight 0."""
+    if cfg.importance_correction not in _CORRECTIONS:
+        raise ValueError(f"loss.importance_correction={cfg.importance_correction!r} is unknown; choose one of "
+                         f"{sorted(_CORRECTIONS)}")
+    with torch.no_grad():
+        log_ratio = torch.where(mask, lp_old - lp_behaviour, 0.0)  # [B, T]
+        weights, capped, dropped = _CORRECTIONS[cfg.importance_correction](log_ratio, mask, cfg)
+        return ImportanceWeights(weights=torch.where(mask, weights, 0.0), ratio=_exp_ratio(log_ratio),
+                                 capped=capped & mask, dropped=dropped & mask)
+
+
+# --- per-token losses -------------------------------------------------------------------
+
+def policy_gradient_per_token(lp: Tensor, lp_old: Tensor, advantages: Tensor, weights: Tensor,
+                              clip_low: float | None, clip_high: float | None) -> tuple[Tensor, Tensor]:
+    """``-w * min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)`` per token, with
+    ``rho = exp(lp - lp_old)`` (log clamped at +-20); a None bound is not applied.
+
+    At ``lp == lp_old`` the value is ``-w * A`` and the gradient ``-w * A * grad(lp)``.
+    Returns ``(loss [B, T], clipped [B, T] bool)``; ``clipped`` marks tokens where the
+    clipped branch is the smaller one, so their gradient is zero."""
+    ratio = torch.exp((lp - lp_old.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # [B, T]
+    surrogate = ratio * advantages
+    if clip_low is None and clip_high is None:
+        return -weights * surrogate, torch.zeros_like(surrogate, dtype=torch.bool)
+    clipped_surrogate = ratio.clamp(None if clip_low is None else 1.0 - clip_low,
+                                    None if clip_high is None else 1.0 + clip_high) * advantages
+    clipped = clipped_surrogate < surrogate
+    # where() rather than minimum(): no gradient split at ties, none through the other branch.
+    return -weights * torch.where(clipped, clipped_surrogate, surrogate), clipped
+
+
+def topk_reverse_kl(topk_lp: Tensor, topk_lp_teacher: Tensor, topk_valid: Tensor) -> Tensor:
+    """Exact reverse KL(student || teacher) over the candidate ids plus one tail bucket
+    for all other ids, per position: [B, T, K] x3 -> [B, T].
+
+    ``sum_i p_s(i) (lp_s(i) - lp_t(i)) + p_s(tail) (log p_s(tail) - log p_t(tail))`` with
+    ``p(tail) = max(1 - sum_i p(i), 0)`` (its log clamped at 1e-6). Computed in float64;
+    the gradient flows through the student's log-probs only."""
+    lp_s = torch.where(topk_valid, topk_lp, 0.0).double()  # [B, T, K]
+    lp_t = torch.where(topk_valid, topk_lp_teacher.detach(), 0.0).double()
+    p_s = torch.where(topk_valid, lp_s.exp(), 0.0)
+    p_t = torch.where(topk_valid, lp_t.exp(), 0.0)
+    head = (p_s * (lp_s - lp_t)).sum(-1)  # [B, T]
+    tail_s, tail_t = 1.0 - p_s.sum(-1), 1.0 - p_t.sum(-1)
+    tail = tail_s.clamp(min=0.0) * (tail_s.clamp(min=_TAIL_EPS).log() - tail_t.clamp(min=_TAIL_EPS).log())
+    return (head + tail).to(topk_lp.dtype)
+
+
+def _k1(x: LossInputs) -> Tensor:
+    return x.lp - x.lp_teacher
+
+
+def _k2(x: LossInputs) -> Tensor:
+    return 0.5 * (x.lp - x.lp_teacher) ** 2
+
+
+def _k3(x: LossInputs) -> Tensor:
+    log_ratio = (x.lp_teacher - x.lp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def _topk(x: LossInputs) -> Tensor:
+    if x.topk_lp is None or x.topk_lp_teacher is None or x.topk_valid is None:
+        raise ValueError("loss.kl_loss='topk' needs LossInputs.topk_lp, topk_lp_teacher and topk_valid "
+                         "(teacher.top_k > 0)")
+    return topk_reverse_kl(x.topk_lp, x.topk_lp_teacher, x.topk_valid)
+
+
+# loss.kl_loss -> (neutral-padded inputs) -> per-token KL [B, T] with grad through the student.
+_KL_LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3, "topk": _topk}
+
+
+def kl_per_token(x: LossInputs, cfg: LossConfig) -> Tensor | None:
+    """The configured direct KL loss per token on neutral-padded inputs (k1-k3 clamped
+    to ``[-kl_clamp, kl_clamp]`` when set), [B, T]; None for ``kl_loss="none"``."""
+    if cfg.kl_loss == "none":
+        return None
+    if cfg.kl_loss not in _KL_LOSSES:
+        raise ValueError(f"loss.kl_loss={cfg.kl_loss!r} is unknown; choose none or one of {sorted(_KL_LOSSES)}")
+    kl = _KL_LOSSES[cfg.kl_loss](x)
+    if cfg.kl_clamp is not None and cfg.kl_loss != "topk":
+        kl = kl.clamp(-cfg.kl_clamp, cfg.kl_clamp)
+    return kl
+
+
+# --- aggregation ------------------------------------------------------------------------
+
+def _per_token_mean(mask: Tensor, num_tokens: int, num_seqs: int) -> Tensor:
+    return mask / num_tokens
+
+
+def _per_sequence_token_mean(mask: Tensor, num_tokens: int, num_seqs: int) -> Tensor:
+    return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * num_seqs)
+
+
+def _per_sequence_token_sum(mask: Tensor, num_tokens: int, num_seqs: int) -> Tensor:
+    return mask / num_seqs
+
+
+# loss.aggregation -> (mask, global tokens, global sequences) -> weight of each token [B, T].
+# The aggregations are linear, so each is a fixed weight per token; a sequence never
+# spans micro-batches, so its own token count is local.
+_AGGREGATIONS: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "token-mean": _per_token_mean,
+    "seq-mean-token-mean": _per_sequence_token_mean,
+    "seq-mean-token-sum": _per_sequence_token_sum,
+}
+
+
+def aggregation_weights(mask: Tensor, aggregation: str, *, global_num_tokens: int,
+                        global_num_seqs: int | None = None) -> Tensor:
+    """float32 [B, T] weights whose sum against a per-token loss is this micro-batch's
+    share of the global aggregate: ``1/N_tokens`` (token-mean), ``1/(N_seqs * n_b)``
+    (seq-mean-token-mean), ``1/N_seqs`` (seq-mean-token-sum) on the mask, 0 elsewhere.
+    ``global_num_seqs`` None: this micro-batch's rows with a response token (exact only
+    when it is the whole batch)."""
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"loss.aggregation={aggregation!r} is unknown; choose one of {sorted(_AGGREGATIONS)}")
     if global_num_tokens <= 0:
         raise ValueError(f"global_num_tokens={global_num_tokens}: a step needs at least one response "
                          "token; skip empty batches before calling the loss")
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"loss aggregation {aggregation!r} is unknown; choose one of "
-                         f"{sorted(_AGGREGATIONS)} (loss.aggregation)")
-    # Masked-out positions may hold garbage: keep them out of exp() entirely.
-    log_ratio = torch.where(mask, lp - lp_old.detach(), torch.zeros_like(lp))  # [B, T]
-    per_token = -weights * advantages * torch.exp(log_ratio)  # [B, T]
-    loss = _AGGREGATIONS[aggregation](per_token, mask, global_num_tokens)
-    metrics = {"learner/adv_mean": _masked_mean(advantages.detach(), mask)}
-    return loss, metrics
+    if global_num_seqs is None:
+        global_num_seqs = int(mask.any(-1).sum())
+    if aggregation != "token-mean" and global_num_seqs <= 0:
+        raise ValueError(f"global_num_seqs={global_num_seqs}: {aggregation} needs at least one sequence with "
+                         "a response token")
+    return _AGGREGATIONS[aggregation](mask.float(), global_num_tokens, global_num_seqs)
 
 
-def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int) -> LossOutput:
-    """The configured objective on one micro-batch: OPD advantages, importance
-    correction, policy-gradient loss, and the ``learner/*`` token-mean metrics
-    ``rkl`` (mean of ``lp_old - lp_teacher``), ``is_clip_frac``,
-    ``is_ratio_mean`` (the raw, untruncated ratio) and ``adv_mean``."""
-    mask = inputs.mask
-    lp_old = inputs.lp_old.detach()
-    # Replace the caller's padding (any value, even inf/nan) by lp_old: neutral and finite.
-    lp_teacher = torch.where(mask, inputs.lp_teacher, lp_old)
-    lp_behaviour = torch.where(mask, inputs.lp_behaviour, lp_old)
-    advantages = opd_advantages(lp_teacher, lp_old, cfg.opd_coef)  # [B, T]
-    weights, clipped = importance_weights(lp_old, lp_behaviour, cfg.importance_correction, cfg.tis_cap,
-                                          mask)
-    loss, metrics = policy_gradient_loss(inputs.lp, lp_old, advantages, weights, mask,
-                                         aggregation=cfg.aggregation,
-                                         global_num_tokens=global_num_tokens)
+# --- the objective ----------------------------------------------------------------------
+
+def _metrics(x: LossInputs, advantages: Tensor, correction: ImportanceWeights, ppo_clipped: Tensor,
+             pg: Tensor, kl: Tensor | None) -> dict[str, Tensor]:
+    mask = x.mask
     with torch.no_grad():
-        raw_ratio = torch.exp((lp_old - lp_behaviour).clamp(max=_MAX_LOG_RATIO))  # [B, T]
-        metrics["learner/rkl"] = _masked_mean(lp_old - lp_teacher, mask)
-        metrics["learner/is_clip_frac"] = _masked_mean(clipped.float(), mask)
-        metrics["learner/is_ratio_mean"] = _masked_mean(raw_ratio, mask)
-    return LossOutput(loss=loss, metrics=metrics, num_tokens=int(mask.sum()))
+        signal = x.lp_teacher - x.lp_old
+        log_ratio = signal.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        adv_mean, adv_sq_mean = _masked_mean(advantages, mask), _masked_mean(advantages**2, mask)
+        metrics = {
+            "learner/pg_loss": _masked_mean(pg.detach(), mask),
+            "learner/kl_loss": _masked_mean(kl.detach(), mask) if kl is not None else pg.new_zeros(()),
+            "learner/rkl": _masked_mean(-signal, mask),
+            "learner/kl_k3": _masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask),
+            "learner/is_ratio_mean": _masked_mean(correction.ratio, mask),
+            "learner/is_clip_frac": _masked_mean(correction.capped.float(), mask),
+            "learner/is_mask_frac": _masked_mean(correction.dropped.float(), mask),
+            "learner/ppo_clip_frac": _masked_mean(ppo_clipped.float(), mask),
+            "learner/entropy": (_masked_mean(x.entropy.detach(), mask) if x.entropy is not None
+                                else pg.new_zeros(())),
+            "learner/adv_mean": adv_mean,
+            "learner/adv_sq_mean": adv_sq_mean,
+            "learner/adv_std": (adv_sq_mean - adv_mean**2).clamp(min=0.0).sqrt(),
+        }
+        if x.topk_valid is not None:
+            width = x.topk_valid.shape[-1]  # K = 2k
+            overlap = (width - x.topk_valid.sum(-1)) / (width / 2)  # [B, T]: shared ids / k
+            metrics["learner/topk_overlap"] = _masked_mean(overlap, mask)
+    return {key: value.float() for key, value in metrics.items()}
+
+
+def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
+                 global_num_seqs: int | None = None) -> LossOutput:
+    """The configured objective on one micro-batch:
+    ``pg_coef * L_pg + kl_loss_coef * L_kl - entropy_coef * H``, aggregated by
+    ``cfg.aggregation``.
+
+    ``global_num_tokens`` / ``global_num_seqs``: response tokens / sequences with at
+    least one response token over *all* micro-batches and data-parallel ranks of the
+    update, so that summing the returned losses gives the exact global aggregate.
+    ``global_num_seqs`` None counts this micro-batch's sequences (exact only when it
+    is the whole batch; token-mean does not use it).
+
+    Metrics (detached means over this micro-batch's masked tokens): ``learner/``
+    ``pg_loss``, ``kl_loss`` (0 without), ``rkl`` (lp_old - lp_teacher), ``kl_k3``,
+    ``is_ratio_mean`` (raw token ratio), ``is_clip_frac`` (weight capped),
+    ``is_mask_frac`` (dropped by masked IS), ``ppo_clip_frac``, ``entropy`` (0 without),
+    ``adv_mean``, ``adv_sq_mean``, ``adv_std`` (this micro-batch's), and
+    ``topk_overlap`` (shared teacher/student top-k ids over k) when top-k inputs come.
+    """
+    if cfg.entropy_coef > 0 and inputs.entropy is None:
+        raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} needs LossInputs.entropy")
+    weights = aggregation_weights(inputs.mask, cfg.aggregation, global_num_tokens=global_num_tokens,
+                                  global_num_seqs=global_num_seqs)  # [B, T]
+    x = _neutral_padding(inputs)
+    advantages = token_advantages(x, cfg)  # [B, T]
+    correction = importance_weights(x.lp_old, x.lp_behaviour, x.mask, cfg)
+    pg, ppo_clipped = policy_gradient_per_token(x.lp, x.lp_old, advantages, correction.weights,
+                                                cfg.ppo_clip_low, cfg.ppo_clip_high)
+    kl = kl_per_token(x, cfg)
+    per_token = cfg.pg_coef * pg  # [B, T]
+    if kl is not None:
+        per_token = per_token + cfg.kl_loss_coef * kl
+    if cfg.entropy_coef > 0:
+        per_token = per_token - cfg.entropy_coef * x.entropy
+    loss = torch.where(x.mask, weights * per_token, 0.0).sum()
+    metrics = _metrics(x, advantages, correction, ppo_clipped, pg, kl)
+    return LossOutput(loss=loss, metrics=metrics, num_tokens=int(x.mask.sum()))
