@@ -124,12 +124,15 @@ def test_several_updates_per_step_match_one_unsharded_process(sharded: dict, ref
     assert ref["learner/updates"] == 4
     for rank in sharded["ranks"]:
         got = rank["multi_metrics"]
-        for key in ("learner/loss", "learner/rkl", "learner/is_ratio_mean", "learner/grad_norm"):
+        for key in ("learner/loss", "learner/rkl", "learner/is_ratio_mean", "learner/grad_norm",
+                    "learner/pg_loss", "learner/ppo_clip_frac", "learner/adv_std"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
     for name, expected in reference["multi_final"].items():
         torch.testing.assert_close(sharded["ranks"][0]["multi_weights"][name], expected, rtol=1e-5, atol=1e-5)
     single = reference["metrics"][0]
-    assert ref["learner/rkl"] != pytest.approx(single["learner/rkl"], rel=1e-6)  # later updates saw new weights
+    # lp_old stays the pre-step policy (same rkl), while later updates see moved weights (pg loss).
+    assert ref["learner/rkl"] == pytest.approx(single["learner/rkl"], rel=1e-6)
+    assert ref["learner/pg_loss"] != pytest.approx(single["learner/pg_loss"], rel=1e-4)
 
 
 def test_checkpoint_resume_reproduces_step_two(sharded: dict) -> None:
