@@ -147,3 +147,33 @@ def test_teacher_top_k_is_validated() -> None:
     with pytest.raises(ConfigError, match=rf"teacher.top_k={MAX_TOP_K + 1}: exceeds the cap.*Fix: use teacher.top_k "
                                           rf"<= {MAX_TOP_K}.*max_logprobs"):
         TeacherConfig(top_k=MAX_TOP_K + 1)
+
+
+def test_teacher_worker_forwards_topk_to_the_learner(model_path: Path) -> None:
+    import zmq
+
+    from asyncopd.teacher.worker import TeacherWorker
+    from asyncopd.transport.sockets import Channel
+    from asyncopd.types import ScoreAck, ScoredRollout
+
+    scorer = HFScorer(str(model_path), top_k=K)
+    worker = TeacherWorker(scorer, index=0, host="127.0.0.1", max_batch_tokens=256)
+    learner = Channel(zmq.PULL, bind_host="127.0.0.1")
+    actor = Channel(zmq.DEALER, connect=[worker.router.address], identity=b"actor-0")
+    try:
+        worker.connect_learner(learner.address)
+        rollout = make_rollout(np.random.default_rng(4), 0)
+        actor.send(rollout)
+        worker.serve_once(timeout_s=5.0)
+        received = learner.recv(timeout_s=5.0)
+        assert received is not None and isinstance(received[1], ScoredRollout)
+        scored, want = received[1], scorer.score([rollout])[0]
+        assert scored.rollout.student_topk_ids.shape == (5, K)
+        np.testing.assert_array_equal(scored.topk_ids, want.topk_ids)
+        np.testing.assert_array_equal(scored.topk_logprobs, want.topk_logprobs)
+        ack = actor.recv(timeout_s=5.0)
+        assert isinstance(ack[1], ScoreAck) and ack[1].ok
+    finally:
+        for channel in (actor, learner):
+            channel.close()
+        worker.close()
