@@ -23,6 +23,7 @@ import msgspec
 
 __all__ = [
     "ConfigError",
+    "MAX_TOP_K",
     "ClusterConfig",
     "ModelSpec",
     "ModelConfig",
@@ -38,6 +39,12 @@ __all__ = [
     "JobConfig",
     "from_dict",
 ]
+
+
+MAX_TOP_K = 256
+"""Largest teacher.top_k. Each response token then carries 2k ids and 2k log-probs on the
+wire (8 bytes each) and the actor builds k+1 vLLM ``Logprob`` entries per generated token;
+beyond a few hundred candidates the tail bucket of the top-k KL holds little mass anyway."""
 
 
 class ConfigError(ValueError):
@@ -231,6 +238,15 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
+        if self.top_k > MAX_TOP_K:
+            _fail(
+                "teacher.top_k", self.top_k,
+                f"exceeds the cap of {MAX_TOP_K} (every response token would carry {2 * self.top_k} ids and "
+                f"log-probs on the wire, and vLLM would build {self.top_k + 1} Logprob objects per generated token)",
+                f"use teacher.top_k <= {MAX_TOP_K}; the tail bucket of the top-k KL covers the remaining mass "
+                "(the actor sets vLLM's max_logprobs to teacher.top_k, so vLLM's own default cap of 20 "
+                "does not apply)",
+            )
 
 
 @dataclass(kw_only=True, slots=True)

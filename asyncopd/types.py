@@ -10,7 +10,10 @@ Invariants checked on construction *and* on decode (``__post_init__``):
 - all per-token arrays of a :class:`Rollout` share the length of ``response_ids``;
 - ``policy_version == min(token_policy_versions)`` (the oldest weights that
   produced any of its tokens), so staleness is ``learner_version - policy_version``;
-- a :class:`ScoredRollout`'s teacher arrays match its rollout's response length.
+- a :class:`ScoredRollout`'s teacher arrays match its rollout's response length;
+- top-k arrays are 2-d with one row per response token: ``Rollout.student_topk_ids``
+  [n, k] (distinct ids >= 0 per row), ``ScoredRollout.topk_ids`` / ``topk_logprobs``
+  [n, 2k] together or not at all, ids -1 only as padding at the end of a row.
 
 A message that breaks them is rejected by the decoder like any foreign bytes.
 """
@@ -36,13 +39,44 @@ __all__ = [
 RolloutKind = Literal["train", "eval_greedy", "eval_sample"]
 
 
-def _check_1d(name: str, array: np.ndarray, dtype: type, length: int | None) -> None:
-    if not isinstance(array, np.ndarray) or array.ndim != 1:
-        raise ValueError(f"{name} must be a 1-d array")
+def _check_array(name: str, array: np.ndarray, dtype: type, length: int | None, ndim: int = 1) -> None:
+    if not isinstance(array, np.ndarray) or array.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d array")
     if array.dtype != np.dtype(dtype):
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
     if length is not None and array.shape[0] != length:
         raise ValueError(f"{name} has {array.shape[0]} entries, response_ids has {length}")
+
+
+def _check_student_topk(ids: np.ndarray, n: int) -> None:
+    _check_array("student_topk_ids", ids, np.int32, n, ndim=2)
+    if ids.shape[1] == 0:
+        raise ValueError("student_topk_ids has no columns; use None when top-k is off")
+    if ids.size and int(ids.min()) < 0:
+        raise ValueError("student_topk_ids holds negative ids")
+    ordered = np.sort(ids, axis=1)
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError("student_topk_ids repeats an id within a row")
+
+
+def _check_union_topk(ids: np.ndarray | None, logprobs: np.ndarray | None, n: int,
+                      student_k: int | None) -> None:
+    if ids is None and logprobs is None:
+        return
+    if ids is None or logprobs is None:
+        raise ValueError("topk_ids and topk_logprobs come together (both or neither)")
+    _check_array("topk_ids", ids, np.int32, n, ndim=2)
+    _check_array("topk_logprobs", logprobs, np.float32, n, ndim=2)
+    width = ids.shape[1]
+    if logprobs.shape[1] != width:
+        raise ValueError(f"topk_logprobs has {logprobs.shape[1]} columns, topk_ids has {width}")
+    if width == 0 or width % 2:
+        raise ValueError(f"topk_ids has {width} columns; the union of two top-k sets has 2k (k >= 1)")
+    if student_k is not None and width != 2 * student_k:
+        raise ValueError(f"topk_ids has {width} columns, the rollout's student_topk_ids has {student_k} (expected 2k)")
+    valid = ids >= 0
+    if (ids < -1).any() or (valid[:, 1:] & ~valid[:, :-1]).any():
+        raise ValueError("topk_ids may hold -1 only as padding at the end of a row")
 
 
 class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -73,13 +107,19 @@ class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """Task reward from the task's verifier (1.0 = correct)."""
     finish_reason: str
     """"stop" (end of sequence) or "length" (hit max_new_tokens)."""
+    student_topk_ids: np.ndarray | None = None
+    """int32 [response_len, k]: the k most likely ids of the behaviour distribution at
+    each response position, most likely first (k = teacher.top_k); None when top-k
+    distillation is off, and for greedy evaluation samples."""
 
     def __post_init__(self) -> None:
         n = self.response_ids.shape[0] if isinstance(self.response_ids, np.ndarray) else None
-        _check_1d("prompt_ids", self.prompt_ids, np.int32, None)
-        _check_1d("response_ids", self.response_ids, np.int32, None)
-        _check_1d("behaviour_logprobs", self.behaviour_logprobs, np.float32, n)
-        _check_1d("token_policy_versions", self.token_policy_versions, np.int32, n)
+        _check_array("prompt_ids", self.prompt_ids, np.int32, None)
+        _check_array("response_ids", self.response_ids, np.int32, None)
+        _check_array("behaviour_logprobs", self.behaviour_logprobs, np.float32, n)
+        _check_array("token_policy_versions", self.token_policy_versions, np.int32, n)
+        if self.student_topk_ids is not None:
+            _check_student_topk(self.student_topk_ids, n)
         if self.prompt_ids.shape[0] == 0:
             raise ValueError("prompt_ids is empty")
         if n and int(self.token_policy_versions.min()) != self.policy_version:
@@ -104,9 +144,18 @@ class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """This rollout's share (by tokens) of the teacher forward that scored it, in
     seconds; summed over a batch it is the teacher time that batch cost."""
     policy_version: int
+    topk_ids: np.ndarray | None = None
+    """int32 [response_len, 2k]: the top-k KL's support at each response position:
+    the teacher's k most likely ids (most likely first), then the rollout's
+    student_topk_ids not among them, then -1 padding. None when top-k is off."""
+    topk_logprobs: np.ndarray | None = None
+    """float32 [response_len, 2k]: the teacher's log-prob of each id in topk_ids (0 at padding)."""
 
     def __post_init__(self) -> None:
-        _check_1d("teacher_logprobs", self.teacher_logprobs, np.float32, self.rollout.response_ids.shape[0])
+        n = self.rollout.response_ids.shape[0]
+        _check_array("teacher_logprobs", self.teacher_logprobs, np.float32, n)
+        student = self.rollout.student_topk_ids
+        _check_union_topk(self.topk_ids, self.topk_logprobs, n, None if student is None else student.shape[1])
         if self.policy_version != self.rollout.policy_version:
             raise ValueError("policy_version differs from the rollout's")
 

@@ -6,7 +6,9 @@ actor loop decides what happens between two engine steps: which prompts are admi
 weights are applied (:meth:`VllmEngine.load_weights`). Every generated token comes
 back with its behaviour log-prob (the log-prob under the distribution actually
 sampled: temperature and top-p applied, vLLM's ``processed_logprobs``) and the
-``policy_version`` of the step that produced it.
+``policy_version`` of the step that produced it. With ``top_k > 0`` (teacher.top_k)
+sampled requests also return the k most likely ids of that distribution at every
+position (vLLM ``logprobs=k``), for top-k distillation.
 
 Weights are loaded in place through the worker's ``reload_weights`` (vLLM's
 layerwise reload, the one path that works on the CPU build as well as on CUDA), after
@@ -81,13 +83,32 @@ class Completion:
     """int32 [n]: the policy_version of the weights that produced each token."""
     finish_reason: str
     """"stop" (EOS sampled), "length" (max_new_tokens reached) or "abort"."""
+    topk_ids: np.ndarray | None = None
+    """int32 [n, k]: the k most likely ids of the sampling distribution at each position,
+    most likely first; None when the engine's top_k is 0 and for greedy requests."""
 
 
 @dataclass(slots=True)
 class _Pending:
+    top_k: int
+    """Top-k ids recorded per token (0: none)."""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     policy_versions: list[int] = field(default_factory=list)
+    topk_ids: list[list[int]] = field(default_factory=list)
+
+    def append(self, token_id: int, entry: dict[int, Any], request_id: str) -> None:
+        """Record one generated token from vLLM's ``{token_id: Logprob}`` entry of its position."""
+        self.token_ids.append(token_id)
+        self.logprobs.append(entry[token_id].logprob)
+        if not self.top_k:
+            return
+        # The entry holds ranks 1..k plus, when it ranks lower, the sampled token itself.
+        ranked = sorted((lp.rank, tid) for tid, lp in entry.items() if lp.rank <= self.top_k)
+        if [rank for rank, _ in ranked] != list(range(1, self.top_k + 1)):
+            raise RuntimeError(f"vLLM returned ranks {[rank for rank, _ in ranked]} for {request_id!r}, not "
+                               f"1..{self.top_k}; SamplingParams(logprobs={self.top_k}) was not honoured.")
+        self.topk_ids.append([tid for _, tid in ranked])
 
     def complete(self, request_id: str, finish_reason: str) -> Completion:
         return Completion(
@@ -96,25 +117,33 @@ class _Pending:
             logprobs=np.asarray(self.logprobs, dtype=np.float32),
             token_policy_versions=np.asarray(self.policy_versions, dtype=np.int32),
             finish_reason=finish_reason,
+            topk_ids=np.asarray(self.topk_ids, dtype=np.int32).reshape(-1, self.top_k) if self.top_k else None,
         )
 
 
 class VllmEngine:
     """One in-process vLLM engine sampling from the student; see the module docstring."""
 
-    def __init__(self, model_path: str, cfg: ActorConfig, *, dtype: str = "float32", seed: int = 0) -> None:
+    def __init__(self, model_path: str, cfg: ActorConfig, *, dtype: str = "float32", seed: int = 0,
+                 top_k: int = 0) -> None:
+        """``top_k`` (teacher.top_k): ids of the sampling distribution returned per sampled
+        token, most likely first (0 = none)."""
         start = time.perf_counter()
         self._cfg = cfg
         self._pending: dict[str, _Pending] = {}
         self._dead_reason = ""
         self._expected_shapes, self._tied_embeddings, vocab_size, head_dim = _describe_model(model_path)
         self._vocab_size = vocab_size
+        if not 0 <= top_k <= vocab_size:
+            raise ValueError(f"teacher.top_k={top_k}: must be in [0, {vocab_size}] (the student's vocabulary "
+                             f"size). Fix: set teacher.top_k to at most {vocab_size}.")
+        self.top_k = top_k
         self._check_environment(head_dim)
         # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op;
         # shutdown() puts the original back for whoever shares this process afterwards.
         self._torch_set_num_threads = torch.set_num_threads
-        self._llm: LLMEngine | None = _build_engine(model_path, cfg, dtype=dtype, seed=seed)
-        self._sampling_params = _sampling_params_factory(cfg)
+        self._llm: LLMEngine | None = _build_engine(model_path, cfg, dtype=dtype, seed=seed, max_logprobs=top_k)
+        self._sampling_params = _sampling_params_factory(cfg, top_k)
         self.eos_token_id: int | None = self._engine.get_tokenizer().eos_token_id
         """Sampling this token ends a request with finish_reason "stop" (it is returned)."""
         self._warm_up()
@@ -161,7 +190,7 @@ class VllmEngine:
 
         params = self._sampling_params(greedy=greedy, seed=seed, temperature=temperature)
         self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
-        self._pending[request_id] = _Pending()
+        self._pending[request_id] = _Pending(top_k=params.logprobs)
 
     def step(self, policy_version: int) -> list[Completion]:
         """Run one engine step; its tokens are tagged with ``policy_version``.
@@ -181,8 +210,7 @@ class VllmEngine:
                 raise RuntimeError(f"vLLM returned {len(new_ids)} tokens for {output.request_id!r} without "
                                    "one log-prob each; SamplingParams(logprobs=0) was not honoured.")
             for token_id, entry in zip(new_ids, sample.logprobs):
-                pending.token_ids.append(token_id)
-                pending.logprobs.append(entry[token_id].logprob)
+                pending.append(token_id, entry, output.request_id)
             pending.policy_versions.extend([policy_version] * len(new_ids))
             if output.finished:
                 del self._pending[output.request_id]
@@ -342,7 +370,7 @@ def _describe_model(model_path: str) -> tuple[dict[str, tuple[int, ...]], bool, 
     return shapes, tied, int(text_config.vocab_size), int(head_dim)
 
 
-def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int) -> LLMEngine:
+def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, max_logprobs: int) -> LLMEngine:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -357,12 +385,13 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int) -
         # memory and refuses to start on machines that under-report it.
         kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",  # the distribution actually sampled
+        max_logprobs=max_logprobs,  # vLLM refuses logprobs=k above it (its default is 20)
         disable_log_stats=True,
     )
     return LLMEngine.from_engine_args(args)
 
 
-def _sampling_params_factory(cfg: ActorConfig) -> Any:
+def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -373,7 +402,9 @@ def _sampling_params_factory(cfg: ActorConfig) -> Any:
             top_p=1.0 if greedy else cfg.top_p,
             max_tokens=max_tokens or cfg.max_new_tokens,
             seed=seed,
-            logprobs=0,  # the sampled token's log-prob only
+            # The sampled token's log-prob, plus the top-k for distillation (greedy
+            # samples are only scored for accuracy).
+            logprobs=0 if greedy else top_k,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
         )

@@ -197,6 +197,7 @@ class ActorLoop:
             behaviour_logprobs=completion.logprobs, token_policy_versions=versions,
             policy_version=int(versions.min()) if versions.size else self.policy_version,
             reward=float(self.task.reward(request.prompt, text)), finish_reason=completion.finish_reason,
+            student_topk_ids=completion.topk_ids,  # None for greedy samples and when top-k is off
         )
         self.dealer.send(rollout)
         self.unacked[rollout.rollout_id] = _Unacked(rollout, request, self._deadline(), 0)
@@ -298,7 +299,8 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     task = load_task(cfg.task, tokenizer=tokenizer,
                      max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens)
-    engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=cfg.actor.seed + index)
+    engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=cfg.actor.seed + index,
+                        top_k=cfg.teacher.top_k)
     inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
     rendezvous.publish(f"actor/{index}/inbox", inbox.address)
     teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]

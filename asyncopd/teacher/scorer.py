@@ -1,10 +1,15 @@
 """Teacher scoring backends: per-token teacher log-probs of a response.
 
-A scorer takes rollouts and returns, for each, ``log p_teacher(y_t | prompt, y_<t)``
-for every response token. :class:`HFScorer` runs one transformers forward over
-each token-budgeted batch of prompt+response sequences and takes the log-softmax
-only at response positions (never a dense [tokens, vocab] log-softmax of the
-whole batch).
+A scorer takes rollouts and returns, for each, a :class:`TeacherScore`:
+``log p_teacher(y_t | prompt, y_<t)`` for every response token and, with top-k
+distillation (``top_k = k > 0``), the support of the top-k reverse KL at every
+response position: the teacher's k most likely ids (most likely first), then the
+rollout's ``student_topk_ids`` the teacher's list lacks, padded with -1 to 2k, with
+the teacher's log-prob of each id (0 at padding).
+
+:class:`HFScorer` runs one transformers forward over each token-budgeted batch of
+prompt+response sequences and takes the log-softmax only at response positions
+(never a dense [tokens, vocab] log-softmax of the whole batch).
 
 This module does no networking; :mod:`asyncopd.teacher.worker` feeds it.
 """
@@ -13,23 +18,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import Tensor
 from transformers import AutoModelForCausalLM
 
 from asyncopd.types import Rollout
 
-__all__ = ["Scorer", "HFScorer", "split_by_token_budget"]
+__all__ = ["Scorer", "TeacherScore", "HFScorer", "split_by_token_budget", "topk_union"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass(frozen=True, slots=True)
+class TeacherScore:
+    """The teacher's verdict on one rollout; arrays have one row per response token."""
+
+    logprobs: np.ndarray
+    """float32 [n]: log p_teacher of each sampled response token."""
+    topk_ids: np.ndarray | None = None
+    """int32 [n, 2k]: teacher top-k, then the student's top-k ids not among them, -1 padded.
+    None when top-k distillation is off."""
+    topk_logprobs: np.ndarray | None = None
+    """float32 [n, 2k]: log p_teacher of each id in ``topk_ids``; 0 at padding."""
+
+
 class Scorer(Protocol):
-    def score(self, rollouts: Sequence[Rollout]) -> list[np.ndarray]: ...
+    def score(self, rollouts: Sequence[Rollout]) -> list[TeacherScore]:
+        """One :class:`TeacherScore` per rollout, in order."""
+        ...
 
 
 def split_by_token_budget(rollouts: Sequence[Rollout], max_batch_tokens: int) -> list[list[Rollout]]:
@@ -48,30 +70,57 @@ def split_by_token_budget(rollouts: Sequence[Rollout], max_batch_tokens: int) ->
     return groups
 
 
+def topk_union(logprobs: Tensor, k: int, student_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The top-k KL support of each row and the teacher's log-probs on it.
+
+    logprobs: float [n, vocab], the teacher's log-softmax at n positions.
+    student_ids: int64 [n, k] distinct ids per row (or None: teacher ids only).
+    Returns (ids int64 [n, 2k], log-probs float [n, 2k]): the teacher's top-k in
+    descending order, then the student ids not among them in their own order, then
+    -1 (log-prob 0).
+    """
+    n = logprobs.shape[0]
+    teacher_lp, teacher_ids = torch.topk(logprobs, k, dim=-1)  # [n, k] each, sorted
+    if student_ids is None:
+        student_ids = teacher_ids.new_full((n, k), -1)
+        fresh = torch.zeros(n, k, dtype=torch.bool, device=logprobs.device)
+    else:
+        in_teacher = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, teacher_ids, True)  # [n, vocab]
+        fresh = ~in_teacher.gather(1, student_ids)  # [n, k]
+    # Move the fresh student ids to the front of their half, keeping their order.
+    order = torch.sort((~fresh).to(torch.int8), dim=1, stable=True).indices
+    fresh = fresh.gather(1, order)
+    student_ids = torch.where(fresh, student_ids.gather(1, order), -1)
+    student_lp = torch.where(fresh, logprobs.gather(1, student_ids.clamp(min=0)), 0.0)
+    return torch.cat([teacher_ids, student_ids], dim=1), torch.cat([teacher_lp, student_lp], dim=1)
+
+
 class HFScorer:
     """Scores with a Hugging Face causal LM held in this process."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None) -> None:
+    def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None, top_k: int = 0) -> None:
+        """``top_k``: teacher.top_k, the width k of the top-k support (0 = sampled tokens only)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.eval()
         self.vocab_size = self.model.config.vocab_size
+        if not 0 <= top_k <= self.vocab_size:
+            raise ValueError(f"teacher.top_k={top_k}: must be in [0, {self.vocab_size}] (the teacher's "
+                             f"vocabulary size). Fix: set teacher.top_k to at most {self.vocab_size}.")
+        self.top_k = top_k
 
     @torch.inference_mode()
-    def score(self, rollouts: Sequence[Rollout]) -> list[np.ndarray]:
+    def score(self, rollouts: Sequence[Rollout]) -> list[TeacherScore]:
         if not rollouts:
             return []
+        for r in rollouts:
+            self._check(r)
         lengths = [r.num_tokens for r in rollouts]
         width = max(lengths)
         input_ids = torch.zeros(len(rollouts), width, dtype=torch.long)
         attention = torch.zeros(len(rollouts), width, dtype=torch.long)
         for row, r in enumerate(rollouts):
             ids = np.concatenate([r.prompt_ids, r.response_ids])
-            if ids.size and int(ids.max()) >= self.vocab_size:
-                raise ValueError(
-                    f"rollout {r.rollout_id} has token id {int(ids.max())} outside the teacher's vocabulary "
-                    f"({self.vocab_size}); teacher and student must share a tokenizer"
-                )
             input_ids[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
             attention[row, : ids.size] = 1
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
@@ -79,8 +128,41 @@ class HFScorer:
         for row, r in enumerate(rollouts):
             start, n = r.prompt_ids.shape[0], r.response_ids.shape[0]
             # logits at position t predict token t+1: response token j sits at start+j.
-            rows = logits[row, start - 1 : start - 1 + n].float()  # [n, vocab]
-            targets = torch.from_numpy(r.response_ids.astype(np.int64)).to(self.device)
-            lp = torch.log_softmax(rows, dim=-1).gather(1, targets[:, None]).squeeze(1)
-            results.append(lp.cpu().numpy().astype(np.float32))
+            logprobs = torch.log_softmax(logits[row, start - 1 : start - 1 + n].float(), dim=-1)  # [n, vocab]
+            targets = self._tensor(r.response_ids)
+            sampled = logprobs.gather(1, targets[:, None]).squeeze(1)
+            if not self.top_k:
+                results.append(TeacherScore(logprobs=_numpy(sampled, np.float32)))
+                continue
+            student = None if r.student_topk_ids is None else self._tensor(r.student_topk_ids)
+            ids, lps = topk_union(logprobs, self.top_k, student)
+            results.append(TeacherScore(logprobs=_numpy(sampled, np.float32), topk_ids=_numpy(ids, np.int32),
+                                        topk_logprobs=_numpy(lps, np.float32)))
         return results
+
+    def _tensor(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(array.astype(np.int64)).to(self.device)
+
+    def _check(self, r: Rollout) -> None:
+        """Refuse a rollout this teacher cannot score (the worker acks it as failed)."""
+        ids = np.concatenate([r.prompt_ids, r.response_ids])
+        if r.student_topk_ids is not None and r.student_topk_ids.size:
+            ids = np.concatenate([ids, r.student_topk_ids.ravel()])
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"rollout {r.rollout_id} has token id {int(ids.max())} outside the teacher's vocabulary "
+                f"({self.vocab_size}); teacher and student must share a tokenizer"
+            )
+        if not self.top_k:
+            return
+        student = r.student_topk_ids
+        if student is None and r.kind != "eval_greedy":
+            raise ValueError(f"rollout {r.rollout_id} ({r.kind}) carries no student_topk_ids but teacher.top_k="
+                             f"{self.top_k}; actors and teachers must run with the same teacher.top_k")
+        if student is not None and student.shape[1] != self.top_k:
+            raise ValueError(f"rollout {r.rollout_id} carries {student.shape[1]} student top-k ids per token, "
+                             f"teacher.top_k={self.top_k}; actors and teachers must run with the same teacher.top_k")
+
+
+def _numpy(tensor: Tensor, dtype: type) -> np.ndarray:
+    return tensor.cpu().numpy().astype(dtype, copy=False)

@@ -7,7 +7,8 @@ Data flow (one direction)::
 
 The worker drains everything queued on its ROUTER (up to the token budget, so
 batching follows load without adding latency), scores it in one or more
-forwards, forwards each :class:`ScoredRollout` to the learner and acknowledges
+forwards, forwards each :class:`ScoredRollout` (with the top-k support when
+teacher.top_k > 0) to the learner and acknowledges
 each rollout to the actor that sent it. A rollout that fails to score is
 acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
 keeps serving. It exits on :class:`Shutdown` from the learner.
@@ -92,10 +93,11 @@ class TeacherWorker:
                 continue
             seconds = time.perf_counter() - start
             group_tokens = sum(r.num_tokens for r in group)
-            for r, lp in zip(group, scores):
+            for r, score in zip(group, scores):
                 share = seconds * r.num_tokens / group_tokens
-                self.to_learner.send(ScoredRollout(rollout=r, teacher_logprobs=lp, teacher_index=self.index,
-                                                   score_s=share, policy_version=r.policy_version))
+                self.to_learner.send(ScoredRollout(
+                    rollout=r, teacher_logprobs=score.logprobs, teacher_index=self.index, score_s=share,
+                    policy_version=r.policy_version, topk_ids=score.topk_ids, topk_logprobs=score.topk_logprobs))
                 self.router.send(ScoreAck(rollout_id=r.rollout_id, ok=True, policy_version=r.policy_version),
                                  identity=sender[r.rollout_id])
             self.num_scored += len(group)
@@ -108,7 +110,7 @@ class TeacherWorker:
 
 def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str) -> None:
     """The teacher role's main: bind, publish, connect, serve until shutdown."""
-    scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype)
+    scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
     worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=cfg.teacher.max_batch_tokens)
     try:
         rendezvous.publish(f"teacher/{index}/router", worker.router.address)

@@ -1,13 +1,19 @@
 """msgpack encoding of :data:`asyncopd.types.Message`, with numpy arrays as a
-compact extension type (dtype string + raw little-endian bytes), never pickle.
+compact extension type (dtype string + shape + raw little-endian bytes), never pickle.
+
+Two extension codes: 1 holds a 1-d array (dtype + bytes; the length follows from the
+byte count, the format since the first release); 2 holds an array of any other
+rank (dtype + ndim + shape + bytes, C order), e.g. the [n, k] top-k arrays.
 
 ``decode`` raises :class:`MalformedMessage` for anything that is not a valid
-message: foreign bytes, unknown tags, wrong field types, broken invariants.
+message: foreign bytes, unknown tags, wrong field types, broken invariants,
+array payloads whose size disagrees with their dtype and shape.
 Callers count and drop those; a worker never crashes on them.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgspec
@@ -17,8 +23,10 @@ from asyncopd.types import Message, ScoredRollout
 
 __all__ = ["MalformedMessage", "encode", "decode", "encode_batch", "decode_batch"]
 
-_NDARRAY_EXT = 1
+_ARRAY_1D_EXT = 1  # dtype (4 bytes) + raw bytes
+_ARRAY_ND_EXT = 2  # dtype (4 bytes) + ndim (1 byte) + shape (ndim x uint32 LE) + raw bytes
 _DTYPE_FIELD = 4  # bytes reserved for the numpy dtype string, e.g. b"<i4 "
+_MAX_NDIM = 8
 _ALLOWED_DTYPES = {np.dtype(t).str for t in (np.int32, np.int64, np.float32, np.float64, np.uint8)}
 
 
@@ -28,24 +36,37 @@ class MalformedMessage(ValueError):
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.ndim != 1:
-            raise TypeError("only 1-d arrays travel on the wire")
+        if obj.ndim > _MAX_NDIM:
+            raise TypeError(f"arrays of more than {_MAX_NDIM} dimensions do not travel on the wire")
         little = obj.astype(obj.dtype.newbyteorder("<"), copy=False)
-        return msgspec.msgpack.Ext(_NDARRAY_EXT, little.dtype.str.encode().ljust(_DTYPE_FIELD) + little.tobytes())
+        header = little.dtype.str.encode().ljust(_DTYPE_FIELD)
+        if obj.ndim == 1:
+            return msgspec.msgpack.Ext(_ARRAY_1D_EXT, header + little.tobytes())
+        shape = struct.pack(f"<B{obj.ndim}I", obj.ndim, *obj.shape)
+        return msgspec.msgpack.Ext(_ARRAY_ND_EXT, header + shape + little.tobytes())
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
 def _ext_hook(code: int, data: memoryview) -> Any:
-    if code != _NDARRAY_EXT:
+    if code not in (_ARRAY_1D_EXT, _ARRAY_ND_EXT):
         raise TypeError(f"unknown msgpack extension {code}")
     dtype_str = bytes(data[:_DTYPE_FIELD]).strip().decode("ascii", errors="replace")
     if dtype_str not in _ALLOWED_DTYPES:
         raise TypeError(f"array dtype {dtype_str!r} is not allowed")
     dtype = np.dtype(dtype_str)
     payload = data[_DTYPE_FIELD:]
-    if len(payload) % dtype.itemsize:
-        raise TypeError("array payload is not a whole number of elements")
-    return np.frombuffer(payload, dtype=dtype).copy()
+    if code == _ARRAY_1D_EXT:
+        if len(payload) % dtype.itemsize:
+            raise TypeError("array payload is not a whole number of elements")
+        return np.frombuffer(payload, dtype=dtype).copy()
+    ndim = payload[0] if len(payload) else -1
+    if not 0 <= ndim <= _MAX_NDIM or len(payload) < 1 + 4 * ndim:
+        raise TypeError("array header is truncated or names too many dimensions")
+    shape = struct.unpack_from(f"<{ndim}I", payload, 1)
+    body = payload[1 + 4 * ndim:]
+    if len(body) != dtype.itemsize * int(np.prod(shape, dtype=object)):
+        raise TypeError(f"array payload of {len(body)} bytes does not hold {dtype} of shape {shape}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
 
 
 def _dec_hook(kind: type, obj: Any) -> Any:

@@ -1,8 +1,10 @@
 """The actor's in-process vLLM engine against a Hugging Face forward of the same model.
 
-One engine serves the whole module (start-up costs seconds). Tests that load new
-weights record them in ``state.reference``, the HF model the engine should now
-match, so every test compares against the right weights whatever ran before it.
+One engine serves the whole module (start-up costs seconds). It returns the
+behaviour top-k (teacher.top_k = TOP_K) for sampled requests, so every sampled
+request also runs the top-k path; greedy requests run the plain one. Tests that
+load new weights record them in ``state.reference``, the HF model the engine should
+now match, so every test compares against the right weights whatever ran before it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 TEMPERATURE = 0.8  # != 1, so raw and processed log-probs differ
 MAX_NEW_TOKENS = 12
+TOP_K = 24  # above vLLM's default max_logprobs (20): the engine must raise that cap
 
 
 @dataclass
@@ -45,7 +48,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineState]:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in engine_environment(threads=1).items():
             mp.setenv(key, value)
-        engine = VllmEngine(str(path), cfg, seed=0)
+        engine = VllmEngine(str(path), cfg, seed=0, top_k=TOP_K)
     reference = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     yield EngineState(engine=engine, cfg=cfg, reference=reference)
     engine.shutdown()
@@ -69,12 +72,31 @@ def run_to_completion(engine: VllmEngine, policy_version: int) -> dict[str, Comp
 
 
 @torch.no_grad()
-def hf_logprobs(model: PreTrainedModel, prompt: list[int], tokens: np.ndarray) -> np.ndarray:
-    """log p(token_t | prompt, tokens_<t) at the sampling temperature, from one HF forward."""
+def hf_dense_logprobs(model: PreTrainedModel, prompt: list[int], tokens: np.ndarray) -> torch.Tensor:
+    """[n, vocab]: the sampling distribution (at TEMPERATURE) at every generated position."""
     ids = torch.tensor([prompt + tokens.tolist()])
     logits = model(ids).logits[0, len(prompt) - 1 : -1] / TEMPERATURE
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def hf_logprobs(model: PreTrainedModel, prompt: list[int], tokens: np.ndarray) -> np.ndarray:
+    """log p(token_t | prompt, tokens_<t) at the sampling temperature, from one HF forward."""
+    logprobs = hf_dense_logprobs(model, prompt, tokens)
     return logprobs.gather(-1, torch.from_numpy(tokens).long()[:, None])[:, 0].numpy()
+
+
+def assert_topk_matches_hf(model: PreTrainedModel, prompt: list[int], completion: Completion,
+                           atol: float = 1e-4) -> None:
+    """The engine's top-k ids are HF's k most likely ids at each position, most likely first
+    (compared through their HF log-probs, so exact ties cannot fail it)."""
+    logprobs = hf_dense_logprobs(model, prompt, completion.token_ids)
+    n = len(completion.token_ids)
+    assert completion.topk_ids is not None and completion.topk_ids.dtype == np.int32
+    assert completion.topk_ids.shape == (n, TOP_K)
+    assert all(len(set(row)) == TOP_K for row in completion.topk_ids.tolist())
+    got = logprobs.gather(-1, torch.from_numpy(completion.topk_ids).long()).numpy()
+    want = logprobs.topk(TOP_K, dim=-1).values.numpy()
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
 
 
 def prompts(num: int, length: int = 6, seed: int = 0) -> list[list[int]]:
@@ -119,6 +141,21 @@ def test_behaviour_logprobs_match_hf_forward(state: EngineState) -> None:
         np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
 
 
+def test_behaviour_topk_ids_match_hf_forward(state: EngineState) -> None:
+    engine = state.engine
+    batch = prompts(8, seed=11)
+    for i, prompt in enumerate(batch):
+        engine.add(f"topk-{i}", prompt, seed=50 + i)
+    done = run_to_completion(engine, policy_version=3)
+    sampled_outside = 0
+    for i, prompt in enumerate(batch):
+        completion = done[f"topk-{i}"]
+        assert_topk_matches_hf(state.reference, prompt, completion)
+        # vLLM also reports the sampled token when it ranks below k; it must not leak in.
+        sampled_outside += sum(t not in row for t, row in zip(completion.token_ids, completion.topk_ids.tolist()))
+    assert sampled_outside > 0, "no sampled token ranked below the top-k; the test did not exercise that case"
+
+
 def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) -> None:
     engine, old = state.engine, state.reference
     new = perturbed(old, seed=10)
@@ -135,6 +172,7 @@ def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) 
         completion = done[f"new-{i}"]
         np.testing.assert_allclose(completion.logprobs, hf_logprobs(new, prompt, completion.token_ids),
                                    atol=1e-3, rtol=0)
+        assert_topk_matches_hf(new, prompt, completion, atol=1e-3)
         stale = hf_logprobs(old, prompt, completion.token_ids)
         max_change = max(max_change, float(np.abs(completion.logprobs - stale).max()))
     assert max_change > 1e-2, "the engine still samples from the old weights"
@@ -186,6 +224,7 @@ def test_greedy_and_seeded_requests_are_deterministic(state: EngineState) -> Non
     second = run_to_completion(engine, policy_version=0)
 
     greedy = first["greedy-a"].token_ids.tolist()
+    assert first["greedy-a"].topk_ids is None  # greedy samples are scored for accuracy only
     assert greedy == first["greedy-b"].token_ids.tolist() == second["greedy-c"].token_ids.tolist()
     with torch.no_grad():  # greedy means argmax of the model at every step
         ids = torch.tensor([prompt + greedy])
@@ -239,6 +278,7 @@ def test_abort_returns_partial_completion(state: EngineState) -> None:
     partial = engine.abort("to-abort")
     assert partial.finish_reason == "abort"
     assert partial.token_policy_versions.tolist() == [9] * len(partial.token_ids)
+    assert partial.topk_ids.shape == (len(partial.token_ids), TOP_K)
     assert engine.num_unfinished == 0
     assert run_to_completion(engine, policy_version=9) == {}
     engine.add("to-abort", prompts(1, seed=8)[0], seed=1)  # the id is free again
