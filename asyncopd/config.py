@@ -49,15 +49,6 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(f"{field_name}={value!r}: {problem}. Fix: {fix}.")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: assume it is reachable from elsewhere
-        return False
-
-
 def _check_positive(prefix: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -106,11 +97,21 @@ class ClusterConfig:
         _check_positive("cluster", self, "startup_timeout_s")
 
     @property
+    def host_is_loopback(self) -> bool:
+        """Whether ``host`` is reachable from this machine only (a host name counts as not)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def resolved_auth(self) -> Literal["curve", "none"]:
         """``auth`` with ``auto`` decided: ``curve`` unless ``host`` is a loopback address."""
         if self.auth != "auto":
             return self.auth
-        return "none" if _is_loopback(self.host) else "curve"
+        return "none" if self.host_is_loopback else "curve"
 
     @property
     def world_size(self) -> int:
@@ -131,7 +132,7 @@ class ClusterConfig:
 
     def check_num_nodes(self, num_nodes: int) -> None:
         """Peers on other nodes cannot reach a loopback address."""
-        if num_nodes > 1 and _is_loopback(self.host):
+        if num_nodes > 1 and self.host_is_loopback:
             _fail("cluster.host", self.host, f"a loopback address, but the job spans {num_nodes} nodes",
                   "pass each node's reachable address as cluster.host=<address> on that node's command line")
 
