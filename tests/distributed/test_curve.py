@@ -193,3 +193,68 @@ def test_the_wire_is_encrypted(secure: bool, channels: list[Channel]) -> None:
     finally:
         configure_security(None)
     assert (b"secret-rollout-id" in client_bytes) is not secure
+
+
+def _teacher_process(secret: bytes, model_path: str, to_test: mp.Queue, from_test: mp.Queue) -> None:
+    import torch
+
+    from asyncopd.teacher.scorer import HFScorer
+    from asyncopd.teacher.worker import TeacherWorker
+
+    configure_security(JobKey.from_secret(secret))  # what the launcher does before a role starts
+    torch.set_num_threads(1)
+    worker = TeacherWorker(HFScorer(model_path), index=0, host=HOST, max_batch_tokens=256)
+    to_test.put((worker.router.address, worker.inbox.address))
+    worker.connect_learner(from_test.get(timeout=60))
+    while worker.serve_once(0.1):
+        pass
+    worker.close()
+
+
+def test_a_teacher_role_under_curve_serves_holders_and_ignores_strangers(
+        tmp_path, job_key: JobKey, channels: list[Channel]) -> None:
+    from asyncopd.tasks.tiny import save_tiny_model
+    from asyncopd.transport.codec import encode
+    from asyncopd.types import ScoredRollout
+
+    model_path = str(save_tiny_model(tmp_path / "teacher", seed=3))
+    ctx = mp.get_context("spawn")
+    to_test, from_test = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_teacher_process, args=(job_key.secret, model_path, to_test, from_test))
+    proc.start()
+    try:
+        learner = Channel(zmq.PULL, bind_host=HOST)
+        channels.append(learner)
+        router, inbox = to_test.get(timeout=120)
+        from_test.put(learner.address)
+        # Valid messages from strangers: a rollout to score, and a Shutdown that would end the worker.
+        other_public, other_secret = zmq.curve_keypair()
+        strangers = [stranger(zmq.DEALER, router),
+                     stranger(zmq.PUSH, inbox, serverkey=job_key.public, public=other_public, secret=other_secret)]
+        strangers[0].send(encode(rollout("stranger-0")))
+        strangers[1].send(encode(Shutdown(policy_version=0, reason="injected")))
+        dealer = Channel(zmq.DEALER, connect=[router], identity=b"actor-0")
+        control = Channel(zmq.PUSH, connect=[inbox])
+        channels += [dealer, control]
+        time.sleep(0.5)  # the strangers' attempts come first
+        for i in range(4):
+            dealer.send(rollout(f"r{i}"))
+        scored: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(scored) < 4 and time.monotonic() < deadline:
+            if (got := learner.recv(timeout_s=0.1)) is not None:
+                assert isinstance(got[1], ScoredRollout)
+                scored.add(got[1].rollout.rollout_id)
+        assert learner.recv(timeout_s=0.5) is None  # nothing for the stranger's rollout
+        assert scored == {"r0", "r1", "r2", "r3"}
+        acks = {dealer.recv(timeout_s=5.0)[1].rollout_id for _ in range(4)}
+        assert acks == scored
+        assert proc.is_alive()  # the injected Shutdown never arrived
+        for sock in strangers:
+            sock.close()
+        control.send(Shutdown(policy_version=0, reason="test over"))
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
