@@ -126,8 +126,8 @@ def _setup_logging(level: str, tag: str) -> None:
 
 def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
+    env = world_environment(cfg)  # an unusable key file fails before the slow part
     resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
-    env = world_environment(cfg)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     command = [torchrun or "torchrun", "--standalone", f"--nproc-per-node={cfg.cluster.world_size}",
                "-m", "asyncopd.launch", *argv]
