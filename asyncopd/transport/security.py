@@ -85,7 +85,7 @@ class JobKey:
                               f"next to it, or create a keypair with `{KEYGEN_COMMAND}`.")
         try:
             derived = zmq.curve_public(secret)
-        except ValueError:
+        except (ValueError, zmq.ZMQError):  # wrong length, or not z85
             derived = None
         if derived is None or not hmac.compare_digest(derived, public):
             raise ConfigError(f"{field}: its secret-key is garbled or does not belong to its public-key. {fix}.")

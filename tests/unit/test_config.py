@@ -132,7 +132,9 @@ def test_keygen_writes_a_private_key_file_that_loads(tmp_path: Path, capsys) -> 
     ("missing", "cannot read it"),
     ("not a certificate", "no CURVE public-key"),
     ("public half", "holds only a public key. Fix: point it at the \\*.key_secret file"),
-    ("garbled secret", "garbled"),
+    ("another key's secret", "garbled"),
+    ("truncated secret", "garbled"),
+    ("non-z85 secret", "garbled"),
 ])
 def test_an_unusable_key_file_names_the_field_and_the_fix(tmp_path: Path, damage: str, expected: str) -> None:
     from asyncopd.transport.security import JobKey, job_key_for, keygen
@@ -142,9 +144,11 @@ def test_an_unusable_key_file_names_the_field_and_the_fix(tmp_path: Path, damage
         damage, secret_file)
     if damage == "not a certificate":
         path.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
-    elif damage == "garbled secret":
+    elif damage.endswith("secret"):
         secret = JobKey.load(path).secret.decode()
-        path.write_text(path.read_text().replace(secret, secret[::-1]))
+        replacement = {"another key's secret": JobKey.generate().secret.decode(), "truncated secret": secret[:-5],
+                       "non-z85 secret": "#" * 40}[damage]
+        path.write_text(path.read_text().replace(secret, replacement))
     with pytest.raises(ConfigError, match=expected) as info:
         job_key_for(curve_cluster(auth_key_file=str(path)), inherited_secret=None, num_nodes=2, can_generate=False)
     assert f"cluster.auth_key_file='{path}'" in str(info.value) and "Fix" in str(info.value)
