@@ -15,6 +15,7 @@ This module does not load models, open sockets or touch ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -86,11 +87,38 @@ class ClusterConfig:
     """torch intra-op threads per teacher process."""
     startup_timeout_s: float = 900.0
     """Seconds a role waits for its peers to publish their endpoints before failing."""
+    auth: Literal["auto", "curve", "none"] = "auto"
+    """ZeroMQ security. ``curve``: every socket is authenticated and encrypted with the
+    job key (ZeroMQ CURVE), so only holders of the key can connect, send rollouts or
+    control messages. ``none``: plain TCP, for loopback or a network you fully trust.
+    ``auto``: ``curve`` unless ``host`` is a loopback address."""
+    auth_key_file: str | None = None
+    """The job key: a pyzmq CURVE secret certificate (``*.key_secret``, made by
+    ``python -m asyncopd.transport.security keygen DIR``), the same file on every node.
+    Used when ``auth`` resolves to ``curve``; required then for multi-node jobs. None:
+    ``python -m asyncopd.launch`` makes a key in memory for its single-node job."""
 
     def __post_init__(self) -> None:
         _check_positive("cluster", self, "learners", "actors", "teachers")
         _check_positive("cluster", self, "learner_threads", "actor_threads", "teacher_threads")
         _check_positive("cluster", self, "startup_timeout_s")
+
+    @property
+    def host_is_loopback(self) -> bool:
+        """Whether ``host`` is reachable from this machine only (a host name counts as not)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def resolved_auth(self) -> Literal["curve", "none"]:
+        """``auth`` with ``auto`` decided: ``curve`` unless ``host`` is a loopback address."""
+        if self.auth != "auto":
+            return self.auth
+        return "none" if self.host_is_loopback else "curve"
 
     @property
     def world_size(self) -> int:
@@ -108,6 +136,12 @@ class ClusterConfig:
             f"rank {rank} is outside cluster.learners+actors+teachers={self.world_size}. "
             "Fix: start torchrun with --nproc-per-node equal to that sum."
         )
+
+    def check_num_nodes(self, num_nodes: int) -> None:
+        """Peers on other nodes cannot reach a loopback address."""
+        if num_nodes > 1 and self.host_is_loopback:
+            _fail("cluster.host", self.host, f"a loopback address, but the job spans {num_nodes} nodes",
+                  "pass each node's reachable address as cluster.host=<address> on that node's command line")
 
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.world_size:

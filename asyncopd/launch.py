@@ -12,7 +12,12 @@ Every rank composes the same config (hydra Compose API: ``configs/<name>.yaml``
 plus overrides), converts it to the typed :class:`~asyncopd.config.JobConfig`
 once, and runs one role. A role that raises exits non-zero with its traceback,
 and torchrun then ends the other ranks. This is the only module that touches
-``os.environ`` (thread budgets, vLLM settings).
+``os.environ`` (thread budgets, vLLM settings, the generated job key).
+
+Before a role opens a socket, its process installs the job's ZeroMQ security
+(``cluster.auth``; see :mod:`asyncopd.transport.security`). A single-node job
+started here gets a CURVE key made in memory and handed to its ranks in the
+environment; a multi-node job reads ``cluster.auth_key_file`` on every node.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asyncopd.config import ConfigError, JobConfig, from_dict
 
-__all__ = ["main", "compose_config", "resolve_model_paths"]
+if TYPE_CHECKING:
+    from asyncopd.transport.security import CurveSecurity
+
+__all__ = ["main", "compose_config", "resolve_model_paths", "world_environment", "install_security"]
 
 logger = logging.getLogger("asyncopd.launch")
 
@@ -117,12 +126,42 @@ def _setup_logging(level: str, tag: str) -> None:
 
 def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
+    env = world_environment(cfg)  # an unusable key file fails before the slow part
     resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     command = [torchrun or "torchrun", "--standalone", f"--nproc-per-node={cfg.cluster.world_size}",
                "-m", "asyncopd.launch", *argv]
     logger.info("starting %s", " ".join(command))
-    return subprocess.call(command)
+    return subprocess.call(command, env=env)
+
+
+def world_environment(cfg: JobConfig) -> dict[str, str]:
+    """The environment of the single-node world started here: ours, plus a job key
+    made now when CURVE is on and no key file gives one (so all ranks share it)."""
+    from asyncopd.transport.security import JOB_SECRET_ENV, job_key_for
+
+    env = dict(os.environ)
+    key = job_key_for(cfg.cluster, inherited_secret=None, num_nodes=1, can_generate=True)
+    if key is not None and cfg.cluster.auth_key_file is None:
+        env[JOB_SECRET_ENV] = key.secret.decode()
+    return env
+
+
+def install_security(cfg: JobConfig) -> CurveSecurity | None:
+    """CURVE (or nothing) for every socket this process will open, per cluster.auth."""
+    from asyncopd.transport.security import JOB_SECRET_ENV, job_key_for
+    from asyncopd.transport.sockets import configure_security
+
+    num_nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    cfg.cluster.check_num_nodes(num_nodes)
+    # Popped so that the engine's own subprocesses do not inherit the secret.
+    inherited = os.environ.pop(JOB_SECRET_ENV, None)
+    key = job_key_for(cfg.cluster, inherited_secret=inherited, num_nodes=num_nodes, can_generate=False)
+    security = configure_security(key)
+    if key is None and not cfg.cluster.host_is_loopback:
+        logger.warning("cluster.auth=none with cluster.host=%s: anyone who reaches that address can inject "
+                       "rollouts and control messages", cfg.cluster.host)
+    return security
 
 
 def _run_rank(cfg: JobConfig) -> None:
@@ -130,6 +169,7 @@ def _run_rank(cfg: JobConfig) -> None:
     cfg.cluster.check_world_size(world_size)
     role, index = cfg.cluster.role_of(rank)
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
+    install_security(cfg)
     threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
                "teacher": cfg.cluster.teacher_threads}[role]
     # Quiet third-party chatter unless debugging (a user's own setting wins).

@@ -12,6 +12,11 @@ Patterns used by the roles:
 - learner ``PUSH`` -> each actor's / teacher's ``PULL`` inbox (weight updates,
   shutdown).
 
+Security is process-wide: the launcher calls :func:`configure_security` once per
+role process, before any Channel exists, and every Channel then binds as a CURVE
+server and connects as a CURVE client (see :mod:`asyncopd.transport.security`), so
+call sites never mention it.
+
 This module knows nothing about what the messages mean.
 """
 
@@ -23,13 +28,29 @@ from collections.abc import Sequence
 import zmq
 
 from asyncopd.transport.codec import MalformedMessage, decode, encode
+from asyncopd.transport.security import CurveSecurity, JobKey
 from asyncopd.types import Message
 
-__all__ = ["Channel", "poll"]
+__all__ = ["Channel", "poll", "configure_security"]
 
 logger = logging.getLogger(__name__)
 
 _HWM = 100_000  # messages; rollouts are small and must not be dropped by ZeroMQ
+
+_security: CurveSecurity | None = None
+
+
+def configure_security(key: JobKey | None) -> CurveSecurity | None:
+    """Install this process's socket security: CURVE with the job ``key``, or none.
+
+    Applies to Channels created afterwards. Starts (or stops) the process's ZAP
+    authenticator; returns the installed :class:`CurveSecurity` (for ``num_denied``).
+    """
+    global _security
+    if _security is not None:
+        _security.close()
+    _security = None if key is None else CurveSecurity(key)
+    return _security
 
 
 class Channel:
@@ -45,9 +66,15 @@ class Channel:
         if identity is not None:
             self.socket.setsockopt(zmq.IDENTITY, identity)
         self.address: str | None = None
+        # libzmq snapshots the socket options at each bind and connect, so one socket
+        # may serve bound peers as a CURVE server and reach others as a client.
         if bind_host is not None:
+            if _security is not None:
+                _security.apply_server(self.socket)
             port = self.socket.bind_to_random_port(f"tcp://{bind_host}")
             self.address = f"tcp://{bind_host}:{port}"
+        if connect and _security is not None:
+            _security.apply_client(self.socket)
         for address in connect:
             self.socket.connect(address)
         self.num_rejected = 0

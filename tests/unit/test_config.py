@@ -1,5 +1,6 @@
 """Config schema: every YAML composes and validates; bad values fail with field, value and fix."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,118 @@ def test_world_size_mismatch_is_explained() -> None:
 def test_unknown_config_name_lists_choices() -> None:
     with pytest.raises(ConfigError, match="default"):
         compose_config(["--config-name", "nope"])
+
+
+# ---- cluster.auth: which security a job gets, and the job key ----------------------------------
+
+@pytest.mark.parametrize(("host", "auth", "expected"), [
+    ("127.0.0.1", "auto", "none"), ("localhost", "auto", "none"), ("::1", "auto", "none"),
+    ("10.0.0.2", "auto", "curve"), ("node7", "auto", "curve"), ("0.0.0.0", "auto", "curve"),
+    ("127.0.0.1", "curve", "curve"), ("10.0.0.2", "none", "none"),
+])
+def test_auth_auto_is_curve_off_loopback(host: str, auth: str, expected: str) -> None:
+    assert from_dict({"cluster": {"host": host, "auth": auth}}).cluster.resolved_auth == expected
+
+
+def test_a_multi_node_job_on_loopback_is_refused() -> None:
+    cluster = from_dict({"cluster": {"host": "127.0.0.1"}}).cluster
+    cluster.check_num_nodes(1)
+    with pytest.raises(ConfigError, match="cluster.host='127.0.0.1'.*2 nodes.*Fix"):
+        cluster.check_num_nodes(2)
+
+
+def curve_cluster(**fields):
+    return from_dict({"cluster": {"host": "10.0.0.2", **fields}}).cluster
+
+
+def test_job_key_sources() -> None:
+    from asyncopd.transport.security import JobKey, job_key_for
+
+    assert job_key_for(from_dict({}).cluster, inherited_secret=None, num_nodes=1, can_generate=False) is None
+    made = job_key_for(curve_cluster(), inherited_secret=None, num_nodes=1, can_generate=True)
+    assert made is not None and JobKey.from_secret(made.secret).public == made.public
+    inherited = job_key_for(curve_cluster(), inherited_secret=made.secret.decode(), num_nodes=2, can_generate=False)
+    assert inherited.public == made.public and made.secret.decode() not in repr(inherited)
+
+
+@pytest.mark.parametrize(("num_nodes", "expected"), [
+    (2, r"cluster.auth_key_file=None: the job spans 2 nodes.*Fix: run `python -m asyncopd.transport.security keygen"),
+    (1, r"cluster.auth_key_file=None:.*torchrun was started directly.*Fix: start with `python -m asyncopd.launch`"),
+])
+def test_curve_without_a_key_file_names_the_fix(num_nodes: int, expected: str) -> None:
+    from asyncopd.transport.security import job_key_for
+
+    with pytest.raises(ConfigError, match=expected):
+        job_key_for(curve_cluster(), inherited_secret=None, num_nodes=num_nodes, can_generate=False)
+
+
+def test_keygen_writes_a_private_key_file_that_loads(tmp_path: Path, capsys) -> None:
+    from asyncopd.transport.security import JobKey, job_key_for, main
+
+    assert main(["keygen", str(tmp_path / "keys")]) == 0
+    secret_file = tmp_path / "keys" / "asyncopd_job.key_secret"
+    assert f"cluster.auth_key_file={secret_file}" in capsys.readouterr().out
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    key = job_key_for(curve_cluster(auth_key_file=str(secret_file)), inherited_secret=None, num_nodes=4,
+                      can_generate=False)
+    assert key == JobKey.load(secret_file)
+    assert main(["keygen", str(tmp_path / "keys")]) == 1  # never overwrites a key a job may use
+    assert JobKey.load(secret_file) == key
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    ("missing", "cannot read it"),
+    ("not a certificate", "no CURVE public-key"),
+    ("public half", "holds only a public key. Fix: point it at the \\*.key_secret file"),
+    ("another key's secret", "garbled"),
+    ("truncated secret", "garbled"),
+    ("non-z85 secret", "garbled"),
+])
+def test_an_unusable_key_file_names_the_field_and_the_fix(tmp_path: Path, damage: str, expected: str) -> None:
+    from asyncopd.transport.security import JobKey, job_key_for, keygen
+
+    secret_file = keygen(tmp_path)
+    path = {"missing": tmp_path / "nope.key_secret", "public half": secret_file.with_suffix(".key")}.get(
+        damage, secret_file)
+    if damage == "not a certificate":
+        path.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    elif damage.endswith("secret"):
+        secret = JobKey.load(path).secret.decode()
+        replacement = {"another key's secret": JobKey.generate().secret.decode(), "truncated secret": secret[:-5],
+                       "non-z85 secret": "#" * 40}[damage]
+        path.write_text(path.read_text().replace(secret, replacement))
+    with pytest.raises(ConfigError, match=expected) as info:
+        job_key_for(curve_cluster(auth_key_file=str(path)), inherited_secret=None, num_nodes=2, can_generate=False)
+    assert f"cluster.auth_key_file='{path}'" in str(info.value) and "Fix" in str(info.value)
+
+
+def test_libzmq_without_curve_fails_clearly(monkeypatch) -> None:
+    import zmq
+
+    from asyncopd.transport.security import job_key_for
+
+    monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve")
+    with pytest.raises(ConfigError, match="built without CURVE.*Fix"):
+        job_key_for(curve_cluster(), inherited_secret=None, num_nodes=1, can_generate=True)
+    assert job_key_for(from_dict({}).cluster, inherited_secret=None, num_nodes=1, can_generate=True) is None
+
+
+def test_the_launcher_hands_one_job_key_to_its_ranks(monkeypatch) -> None:
+    from asyncopd.launch import install_security, world_environment
+    from asyncopd.transport.security import JOB_SECRET_ENV, JobKey
+    from asyncopd.transport.sockets import configure_security
+
+    cfg = from_dict({"cluster": {"auth": "curve"}})
+    env = world_environment(cfg)
+    monkeypatch.setenv(JOB_SECRET_ENV, env[JOB_SECRET_ENV])
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    try:
+        security = install_security(cfg)
+        assert security.key == JobKey.from_secret(env[JOB_SECRET_ENV].encode())
+        assert JOB_SECRET_ENV not in os.environ  # not inherited by the engine's subprocesses
+        monkeypatch.setenv("GROUP_WORLD_SIZE", "2")  # a rank of a multi-node job, no key file
+        with pytest.raises(ConfigError, match="spans 2 nodes"):
+            install_security(from_dict({"cluster": {"host": "10.0.0.2"}}))
+    finally:
+        configure_security(None)
+    assert JOB_SECRET_ENV not in world_environment(from_dict({}))
