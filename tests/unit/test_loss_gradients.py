@@ -181,24 +181,21 @@ def test_topk_kl_loss_moves_the_student_towards_the_teacher() -> None:
     """Pure top-k distillation (k=3 of 12 ids, so the tail bucket holds real mass): one
     step lowers both the bucketed KL it optimises and the true reverse KL."""
     model, contexts, teacher, _, _ = sampled_kd_setup(seed=4, samples=1)
-    student = model(contexts)  # [C, V]
+    student = model(contexts)  # [C, V]: one position per context
     ids = union_candidates(student.detach(), teacher, k=3)  # [C, K]
-    valid = ids >= 0
+    valid = (ids >= 0).unsqueeze(0)  # [1, C, K]
 
-    def bucketed(student_lp: torch.Tensor) -> torch.Tensor:
-        topk_lp = student_lp.gather(-1, ids.clamp(min=0))
-        return topk_lp.unsqueeze(0)  # [1, C, K]
+    def candidates(logprobs: torch.Tensor) -> torch.Tensor:  # [C, V] -> [1, C, K], -inf where no id
+        return torch.where(valid, logprobs.gather(-1, ids.clamp(min=0)).unsqueeze(0), -math.inf)
 
-    teacher_topk = teacher.gather(-1, ids.clamp(min=0)).unsqueeze(0)
-    assert float(torch.where(valid, student.detach().gather(-1, ids.clamp(min=0)).exp(), 0.0).sum(-1).min()) < 0.95
-    before_bucketed = topk_reverse_kl(bucketed(student.detach()), teacher_topk, valid.unsqueeze(0)).mean()
+    teacher_topk = candidates(teacher)
+    assert float(candidates(student.detach()).exp().sum(-1).max()) < 0.95  # a real tail
+    before_bucketed = topk_reverse_kl(candidates(student.detach()), teacher_topk, valid).mean()
     before = dense_kls(student.detach(), teacher)
-    lp = student[:, 0].unsqueeze(0)  # the sampled-token log-probs are unused by this loss
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    inputs = on_policy_inputs(lp, lp.detach(), mask, topk_lp=torch.where(valid, bucketed(student)[0], -math.inf)
-                              .unsqueeze(0), topk_lp_teacher=teacher_topk, topk_valid=valid.unsqueeze(0))
+    lp = student[:, 0].unsqueeze(0)  # [1, C]: the sampled-token log-probs, unused by this loss
+    inputs = on_policy_inputs(lp, lp.detach(), torch.ones(1, 4, dtype=torch.bool), topk_lp=candidates(student),
+                              topk_lp_teacher=teacher_topk, topk_valid=valid)
     one_step(model, inputs, LossConfig(kl_loss="topk", pg_coef=0.0), lr=0.5)
-    after_student = model(contexts).detach()
-    after_bucketed = topk_reverse_kl(bucketed(after_student), teacher_topk, valid.unsqueeze(0)).mean()
-    assert after_bucketed < before_bucketed - 1e-3
-    assert dense_kls(after_student, teacher)[0] < before[0] - 1e-3
+    after = model(contexts).detach()
+    assert topk_reverse_kl(candidates(after), teacher_topk, valid).mean() < before_bucketed - 1e-3
+    assert dense_kls(after, teacher)[0] < before[0] - 1e-3
