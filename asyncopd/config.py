@@ -563,7 +563,7 @@ class JobConfig:
                   ("KDRL without a reward: " if kdrl else "")
                   + "the advantage is built from rewards but task.reward='none' gives none",
                   "choose a reward function in task.reward (e.g. exact_match), or distil without rewards: "
-                  "loss.advantage=opd, or loss.pg_coef=0 with a loss.kl_loss")
+                  "loss.advantage=opd (with loss.pg_coef=0 and a loss.kl_loss for pure KD)")
         if loss.kl_loss == "topk" and self.teacher.top_k == 0:
             _fail("loss.kl_loss", loss.kl_loss,
                   "the top-k reverse KL needs the teacher's top-k log-probs but teacher.top_k=0",

@@ -206,8 +206,8 @@ def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
     tokens in ``(t, s]``. discount 0 returns ``values`` on the mask. [B, T] -> [B, T].
 
     Blocked over positions (exact, no per-position Python loop): within a block a
-    [B, block, block] matrix of non-positive powers of the discount, across blocks
-    a carried sum, so no power ever overflows.
+    [B, block, block] matrix of powers discount^n, n >= 0; across blocks a carried
+    sum. Every power is <= 1, so none overflows however long the response.
     """
     values = torch.where(mask, values, torch.zeros_like(values))
     if discount == 0.0 or values.shape[-1] == 0:
