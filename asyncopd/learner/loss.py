@@ -37,22 +37,19 @@ micro-batches and ranks (and passes the global token and sequence counts).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from asyncopd.config import LossConfig
+from asyncopd.learner.advantages import discounted_sum
 
 __all__ = [
     "LossInputs",
     "LossOutput",
     "ImportanceWeights",
-    "sequence_advantages",
-    "discounted_sum",
     "token_advantages",
     "importance_weights",
     "policy_gradient_per_token",
@@ -70,10 +67,6 @@ _MAX_LOG_RATIO = 20.0
 # 1 - sum(p) below this is noise; both tails are clamped alike, so two negligible
 # tails contribute nothing rather than a spurious log-ratio gradient.
 _TAIL_EPS = 1e-6
-# Added to standard deviations before dividing (GRPO / REINFORCE++ normalisation).
-_STD_EPS = 1e-6
-# Positions per block of the discounted sum (memory [batch, block, block]).
-_DISCOUNT_BLOCK = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,69 +160,6 @@ def _neutral_padding(inputs: LossInputs) -> LossInputs:
 
 
 # --- advantages ------------------------------------------------------------------------
-
-def sequence_advantages(rewards: np.ndarray | Tensor, group_ids: np.ndarray | Tensor,
-                        cfg: LossConfig) -> Tensor:
-    """Per-sequence base advantage A_base, float32 [N], from rewards [N] and group ids [N].
-
-    "grpo": ``(R - mean_group) / (std_group + 1e-6)`` (unbiased std, as verl and TRL),
-    or ``R - mean_group`` without ``grpo_std_norm``; a group of one gets 0.
-    "reinforce_pp": ``(R - mean_batch) / (std_batch + 1e-6)``. "opd": zeros.
-    """
-    rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)  # [N]
-    group_ids = torch.as_tensor(group_ids).reshape(-1)  # [N]
-    if rewards.shape != group_ids.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} differ in length")
-    if cfg.advantage == "opd" or rewards.numel() == 0:
-        return torch.zeros(rewards.shape, dtype=torch.float32)
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"loss.advantage={cfg.advantage!r} needs a finite reward per sample, got NaN/inf "
-                         "(task.reward='none' gives none); choose a reward in task.reward or use loss.advantage=opd")
-    if cfg.advantage == "reinforce_pp":
-        std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
-        return ((rewards - rewards.mean()) / (std + _STD_EPS)).float()
-    if cfg.advantage != "grpo":
-        raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; use opd, grpo or reinforce_pp")
-    _, group = torch.unique(group_ids, return_inverse=True)  # [N] dense group index
-    counts = torch.bincount(group).to(rewards.dtype)  # [G]
-    means = torch.zeros_like(counts).index_add_(0, group, rewards) / counts
-    centred = rewards - means[group]  # [N]
-    if not cfg.grpo_std_norm:
-        return centred.float()
-    variances = torch.zeros_like(counts).index_add_(0, group, centred**2) / (counts - 1).clamp(min=1)
-    return (centred / (variances.sqrt()[group] + _STD_EPS)).float()
-
-
-def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:
-    """``out[b, t] = sum_{s >= t, mask[b, s]} discount^(n_b(t, s)) * values[b, s]`` on
-    response positions (0 elsewhere), where ``n_b(t, s)`` counts row b's response
-    tokens in ``(t, s]``. discount 0 returns ``values`` on the mask. [B, T] -> [B, T].
-
-    Blocked over positions (exact, no per-position Python loop): within a block a
-    [B, block, block] matrix of powers discount^n, n >= 0; across blocks a carried
-    sum. Every power is <= 1, so none overflows however long the response.
-    """
-    values = torch.where(mask, values, torch.zeros_like(values))
-    if discount == 0.0 or values.shape[-1] == 0:
-        return values
-    log_discount = math.log(discount)  # <= 0
-    batch, seq = values.shape
-    index = mask.cumsum(-1).to(values.dtype)  # [B, T]: response tokens up to and including t
-    out = torch.zeros_like(values)
-    carry = values.new_zeros(batch, 1)  # sum from the first response token after the block on
-    for start in range(((seq - 1) // _DISCOUNT_BLOCK) * _DISCOUNT_BLOCK, -1, -_DISCOUNT_BLOCK):
-        end = min(start + _DISCOUNT_BLOCK, seq)
-        idx, vals, keep = index[:, start:end], values[:, start:end], mask[:, start:end]  # [B, n]
-        before = index[:, start - 1:start] if start > 0 else torch.zeros_like(carry)  # [B, 1]
-        after = idx[:, -1:] + 1  # [B, 1]: token index of the carry's first token
-        steps = (idx.unsqueeze(1) - idx.unsqueeze(2)).clamp(min=0)  # [B, t, s]: n(t, s) for s >= t
-        later = torch.ones(end - start, end - start, dtype=torch.bool, device=mask.device).triu()
-        powers = torch.where(later & keep.unsqueeze(1), torch.exp(steps * log_discount), 0.0)
-        out[:, start:end] = (powers @ vals.unsqueeze(-1)).squeeze(-1) + torch.exp((after - idx) * log_discount) * carry
-        first = torch.where(keep, torch.exp((idx - before - 1).clamp(min=0) * log_discount), 0.0)  # [B, n]
-        carry = (first * vals).sum(-1, keepdim=True) + torch.exp((after - before - 1) * log_discount) * carry
-    return torch.where(mask, out, torch.zeros_like(out))
-
 
 def _opd_signal(x: LossInputs, cfg: LossConfig) -> Tensor:
     return discounted_sum(x.lp_teacher - x.lp_old, x.mask, cfg.discount)  # [B, T]

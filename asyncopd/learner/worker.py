@@ -31,7 +31,7 @@ from asyncopd.learner.batching import TrainSample
 from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.io import LearnerIO
-from asyncopd.learner.loss import sequence_advantages
+from asyncopd.learner.advantages import sequence_advantages
 from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, shard_model
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from asyncopd.config import LossConfig
+from asyncopd.learner.advantages import discounted_sum, sequence_advantages
 from asyncopd.learner.loss import (
     LossInputs,
     aggregation_weights,
     compute_loss,
-    discounted_sum,
-    sequence_advantages,
     topk_reverse_kl,
 )
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from asyncopd.config import LossConfig
-from asyncopd.learner.loss import LossInputs, compute_loss, sequence_advantages, topk_reverse_kl
+from asyncopd.learner.advantages import sequence_advantages
+from asyncopd.learner.loss import LossInputs, compute_loss, topk_reverse_kl
 
 VOCAB = 12
 
