@@ -463,9 +463,12 @@ class EvalConfig:
     """Also evaluate every N steps; None: only before and after training."""
     enabled: bool = True
     """Evaluate before and after training (the summary's eval/* fields)."""
+    rkl_samples: int = 4
+    """Temperature-1 samples per held-out prompt behind eval/rkl, the Monte-Carlo
+    estimate of the per-token reverse KL to the teacher (more = less noise)."""
 
     def __post_init__(self) -> None:
-        _check_positive("eval", self, "every_steps")
+        _check_positive("eval", self, "every_steps", "rkl_samples")
 
 
 @dataclass(kw_only=True, slots=True)

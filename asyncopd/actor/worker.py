@@ -147,8 +147,9 @@ class ActorLoop:
             if i % self.cfg.cluster.actors != self.index:
                 continue
             ids = self._encode(prompt)
-            for kind in ("eval_greedy", "eval_sample"):
-                self._submit(_Request(kind, prompt, ids, prompt.index, version))
+            self._submit(_Request("eval_greedy", prompt, ids, prompt.index, version))
+            for _ in range(self.cfg.eval.rkl_samples):
+                self._submit(_Request("eval_sample", prompt, ids, prompt.index, version))
         self.evaluated.add(version)
         logger.info("actor %d: evaluating policy version %d", self.index, version)
 

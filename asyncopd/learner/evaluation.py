@@ -1,9 +1,9 @@
 """Held-out evaluation results, gathered on learner rank 0.
 
-Actors sample every held-out prompt twice at an eval version: greedily (accuracy
-= mean verifier reward) and at temperature 1 (reverse KL = mean over sampled
-tokens of ``lp_student - lp_teacher``, the Monte-Carlo estimate of the per-token
-reverse KL to the teacher). Pure bookkeeping: no I/O.
+Actors sample every held-out prompt at an eval version greedily once (accuracy =
+mean verifier reward) and ``eval.rkl_samples`` times at temperature 1 (reverse KL
+= mean over sampled tokens of ``lp_student - lp_teacher``, the Monte-Carlo
+estimate of the per-token reverse KL to the teacher). Pure bookkeeping: no I/O.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ __all__ = ["EvalAccumulator"]
 
 
 class EvalAccumulator:
-    def __init__(self, num_prompts: int) -> None:
-        self.expected = 2 * num_prompts
+    def __init__(self, num_prompts: int, rkl_samples: int = 1) -> None:
+        self.expected = num_prompts * (1 + rkl_samples)
         self._results: dict[int, list[ScoredRollout]] = defaultdict(list)
         self._seen: set[str] = set()
         self.completed: dict[int, dict[str, float]] = {}

@@ -114,7 +114,7 @@ class Learner:
             self.metrics = MetricsWriter(self.run_dir, config=cfg.to_dict(), total_steps=cfg.learner.num_steps,
                                          initial_step=self.policy_version, wandb_mode=cfg.run.wandb,
                                          progress=cfg.run.progress, run_name=cfg.run.name)
-            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=EvalAccumulator(num_eval_prompts),
+            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=EvalAccumulator(num_eval_prompts, cfg.eval.rkl_samples),
                                 on_eval=self._on_eval)
         specs = [TensorSpec(name, tuple(t.shape), self.serve_dtype)
                  for name, t in iter_full_weights(self.model, _DTYPES[self.serve_dtype])]
