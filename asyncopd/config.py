@@ -44,8 +44,10 @@ __all__ = [
 
 MAX_TOP_K = 256
 """Largest teacher.top_k. Each response token then carries 2k ids and 2k log-probs on the
-wire (8 bytes each) and the actor builds k+1 vLLM ``Logprob`` entries per generated token;
-beyond a few hundred candidates the tail bucket of the top-k KL holds little mass anyway."""
+wire (8 bytes each), and the actor reads k+1 log-prob entries per generated token out of
+vLLM in Python (on a tiny model k=8 is within noise of k=0, k=64 costs up to a quarter of
+the actor's tokens/s); beyond a few hundred candidates the top-k KL's tail bucket holds
+little mass."""
 
 
 class ConfigError(ValueError):
@@ -276,7 +278,7 @@ class TeacherConfig:
             _fail(
                 "teacher.top_k", self.top_k,
                 f"exceeds the cap of {MAX_TOP_K} (every response token would carry {2 * self.top_k} ids and "
-                f"log-probs on the wire, and vLLM would build {self.top_k + 1} Logprob objects per generated token)",
+                f"log-probs on the wire, and the actor would read {self.top_k + 1} log-prob entries per generated token)",
                 f"use teacher.top_k <= {MAX_TOP_K}; the tail bucket of the top-k KL covers the remaining mass "
                 "(the actor sets vLLM's max_logprobs to teacher.top_k, so vLLM's own default cap of 20 "
                 "does not apply)",

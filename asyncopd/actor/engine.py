@@ -97,18 +97,25 @@ class _Pending:
     policy_versions: list[int] = field(default_factory=list)
     topk_ids: list[list[int]] = field(default_factory=list)
 
-    def append(self, token_id: int, entry: dict[int, Any], request_id: str) -> None:
-        """Record one generated token from vLLM's ``{token_id: Logprob}`` entry of its position."""
-        self.token_ids.append(token_id)
-        self.logprobs.append(entry[token_id].logprob)
-        if not self.top_k:
-            return
-        # The entry holds ranks 1..k plus, when it ranks lower, the sampled token itself.
-        ranked = sorted((lp.rank, tid) for tid, lp in entry.items() if lp.rank <= self.top_k)
-        if [rank for rank, _ in ranked] != list(range(1, self.top_k + 1)):
-            raise RuntimeError(f"vLLM returned ranks {[rank for rank, _ in ranked]} for {request_id!r}, not "
-                               f"1..{self.top_k}; SamplingParams(logprobs={self.top_k}) was not honoured.")
-        self.topk_ids.append([tid for _, tid in ranked])
+    def extend(self, new_ids: Sequence[int], flat: Any, request_id: str) -> None:
+        """Record one step's tokens from vLLM's ``FlatLogprobs`` of those positions.
+
+        Each position holds the sampled token first (its rank may be anything), then the
+        top-k ids with ranks 1..k, most likely first; checked, so that a change of that
+        layout fails here instead of feeding wrong ids to the teacher.
+        """
+        k, ranks = self.top_k, list(range(1, self.top_k + 1))
+        for position, token_id in enumerate(new_ids):
+            start, end = flat.start_indices[position], flat.end_indices[position]
+            if flat.token_ids[start] != token_id or flat.ranks[start + 1 : end] != ranks:
+                raise RuntimeError(
+                    f"vLLM's log-probs for {request_id!r} do not hold the sampled token {token_id} followed by "
+                    f"ranks 1..{k} (got ids {flat.token_ids[start:end]}, ranks {flat.ranks[start:end]}); "
+                    f"SamplingParams(logprobs={k}, flat_logprobs=True) was not honoured.")
+            self.logprobs.append(flat.logprobs[start])
+            if k:
+                self.topk_ids.append(flat.token_ids[start + 1 : end])
+        self.token_ids.extend(new_ids)
 
     def complete(self, request_id: str, finish_reason: str) -> Completion:
         return Completion(
@@ -209,8 +216,7 @@ class VllmEngine:
             if sample.logprobs is None or len(sample.logprobs) != len(new_ids):
                 raise RuntimeError(f"vLLM returned {len(new_ids)} tokens for {output.request_id!r} without "
                                    "one log-prob each; SamplingParams(logprobs=0) was not honoured.")
-            for token_id, entry in zip(new_ids, sample.logprobs):
-                pending.append(token_id, entry, output.request_id)
+            pending.extend(new_ids, sample.logprobs, output.request_id)
             pending.policy_versions.extend([policy_version] * len(new_ids))
             if output.finished:
                 del self._pending[output.request_id]
@@ -405,6 +411,7 @@ def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
             # The sampled token's log-prob, plus the top-k for distillation (greedy
             # samples are only scored for accuracy).
             logprobs=0 if greedy else top_k,
+            flat_logprobs=True,  # flat lists instead of one dict of Logprob objects per token
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
         )

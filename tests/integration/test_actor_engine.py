@@ -71,6 +71,16 @@ def run_to_completion(engine: VllmEngine, policy_version: int) -> dict[str, Comp
     raise AssertionError(f"{engine.num_unfinished} requests did not finish")
 
 
+def generate(engine: VllmEngine, batch: list[list[int]], tag: str, *, seed: int,
+             policy_version: int) -> list[Completion]:
+    """Sample every prompt of ``batch`` (seeds seed, seed+1, ...); completions in batch order."""
+    for i, prompt in enumerate(batch):
+        engine.add(f"{tag}-{i}", prompt, seed=seed + i)
+    done = run_to_completion(engine, policy_version)
+    assert sorted(done) == sorted(f"{tag}-{i}" for i in range(len(batch)))
+    return [done[f"{tag}-{i}"] for i in range(len(batch))]
+
+
 @torch.no_grad()
 def hf_dense_logprobs(model: PreTrainedModel, prompt: list[int], tokens: np.ndarray) -> torch.Tensor:
     """[n, vocab]: the sampling distribution (at TEMPERATURE) at every generated position."""
@@ -122,13 +132,7 @@ def full_payload(model: PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
 def test_behaviour_logprobs_match_hf_forward(state: EngineState) -> None:
     engine, eos = state.engine, state.engine.eos_token_id
     batch = prompts(8, seed=1)
-    for i, prompt in enumerate(batch):
-        engine.add(f"lp-{i}", prompt, seed=i)
-    done = run_to_completion(engine, policy_version=3)
-
-    assert sorted(done) == sorted(f"lp-{i}" for i in range(len(batch)))
-    for i, prompt in enumerate(batch):
-        completion = done[f"lp-{i}"]
+    for prompt, completion in zip(batch, generate(engine, batch, "lp", seed=0, policy_version=3)):
         n = len(completion.token_ids)
         assert completion.token_ids.dtype == np.int32 and completion.logprobs.dtype == np.float32
         assert completion.logprobs.shape == completion.token_policy_versions.shape == (n,)
@@ -144,12 +148,8 @@ def test_behaviour_logprobs_match_hf_forward(state: EngineState) -> None:
 def test_behaviour_topk_ids_match_hf_forward(state: EngineState) -> None:
     engine = state.engine
     batch = prompts(8, seed=11)
-    for i, prompt in enumerate(batch):
-        engine.add(f"topk-{i}", prompt, seed=50 + i)
-    done = run_to_completion(engine, policy_version=3)
     sampled_outside = 0
-    for i, prompt in enumerate(batch):
-        completion = done[f"topk-{i}"]
+    for prompt, completion in zip(batch, generate(engine, batch, "topk", seed=50, policy_version=3)):
         assert_topk_matches_hf(state.reference, prompt, completion)
         # vLLM also reports the sampled token when it ranks below k; it must not leak in.
         sampled_outside += sum(t not in row for t, row in zip(completion.token_ids, completion.topk_ids.tolist()))
@@ -164,12 +164,8 @@ def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) 
     assert 0 < seconds < 30
 
     batch = prompts(6, seed=2)
-    for i, prompt in enumerate(batch):
-        engine.add(f"new-{i}", prompt, seed=100 + i)
-    done = run_to_completion(engine, policy_version=4)
     max_change = 0.0
-    for i, prompt in enumerate(batch):
-        completion = done[f"new-{i}"]
+    for prompt, completion in zip(batch, generate(engine, batch, "new", seed=100, policy_version=4)):
         np.testing.assert_allclose(completion.logprobs, hf_logprobs(new, prompt, completion.token_ids),
                                    atol=1e-3, rtol=0)
         assert_topk_matches_hf(new, prompt, completion, atol=1e-3)
