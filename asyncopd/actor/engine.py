@@ -45,6 +45,19 @@ __all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment
 
 logger = logging.getLogger(__name__)
 
+
+class _RotaryReloadFilter(logging.Filter):
+    """vLLM's in-place weight reload warns "RotaryEmbedding: Failed to load weights"
+    on every load: the rotary cos/sin cache is computed from the config, is never
+    in a checkpoint or a weight payload, and vLLM keeps it as it is. Drop exactly
+    that record (once per policy version it would bury the console)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+
 _WARMUP_REQUEST_ID = "__asyncopd_warmup__"
 _MAX_LISTED_PROBLEMS = 8
 

@@ -97,6 +97,27 @@ def test_off_by_one_job_checkpoints_exports_and_resumes(tmp_path, models) -> Non
     assert (run_dir / "checkpoints" / "step_6").is_dir()
 
 
+def test_kdrl_job_with_top_k_distillation_and_grpo_groups(tmp_path, models) -> None:
+    """GRPO groups + the top-k reverse KL (teacher and student top-k over the wire) +
+    2 mini-batches x 2 epochs, through the real roles."""
+    run_dir = tmp_path / "kdrl"
+    result = run_job(run_dir, models, "teacher.top_k=4", "loss.kl_loss=topk", "loss.kl_loss_coef=0.5",
+                     "loss.advantage=grpo", "actor.samples_per_prompt=4", "learner.mini_batches=2",
+                     "learner.ppo_epochs=2")
+    assert result.returncode == 0
+    check_run(run_dir, eta=1, steps=4, batch=8)
+    steps = [r for r in read_metrics(run_dir) if "learner/loss" in r]
+    for r in steps:
+        assert r["learner/updates"] == 4
+        assert 0.0 <= r["learner/topk_overlap"] <= 1.0
+        assert r["learner/kl_loss"] >= 0.0  # a KL over a partition is never negative
+        for key in ("learner/kl_k3", "learner/entropy", "learner/adv_std", "learner/is_mask_frac",
+                    "learner/ppo_clip_frac"):
+            assert key in r, key
+        if r["batch/reward_mean"] in (0.0, 1.0):  # random tiny models: every group all-wrong
+            assert r["learner/adv_std"] == 0.0 and r["learner/pg_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_impossible_config_fails_before_any_process_starts(tmp_path, models) -> None:
     result = run_job(tmp_path / "bad", models, "async.max_staleness=-1", timeout=120)
     assert result.returncode == 2
