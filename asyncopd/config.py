@@ -255,6 +255,9 @@ class TeacherConfig:
     """Scoring backend: "hf" runs a transformers forward over prompt+response."""
     max_batch_tokens: int = 8192
     """Token budget of one scoring forward (prompt+response tokens, padded)."""
+    batch_wait_s: float = 0.0
+    """Seconds a teacher keeps collecting rollouts after the first arrives, before
+    scoring (up to max_batch_tokens): fewer, fuller forwards for a little latency."""
     request_timeout_s: float = 120.0
     """Seconds an actor waits for a rollout's score acknowledgement before resending
     it (to whichever teacher is next)."""
@@ -273,6 +276,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
+        _check_positive("teacher", self, "batch_wait_s", allow_zero=True)
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
         if self.top_k > MAX_TOP_K:
             _fail(

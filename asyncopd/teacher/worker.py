@@ -35,10 +35,12 @@ logger = logging.getLogger(__name__)
 class TeacherWorker:
     """Serves one scorer on a ROUTER socket."""
 
-    def __init__(self, scorer: Scorer, *, index: int, host: str, max_batch_tokens: int) -> None:
+    def __init__(self, scorer: Scorer, *, index: int, host: str, max_batch_tokens: int,
+                 batch_wait_s: float = 0.0) -> None:
         self.scorer = scorer
         self.index = index
         self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_s
         self.router = Channel(zmq.ROUTER, bind_host=host)
         self.inbox = Channel(zmq.PULL, bind_host=host)
         self.to_learner: Channel | None = None
@@ -49,10 +51,13 @@ class TeacherWorker:
         self.to_learner = Channel(zmq.PUSH, connect=[address])
 
     def _drain(self) -> list[tuple[bytes, Rollout]]:
+        """What is queued, up to the token budget; with ``batch_wait_s`` > 0, also what
+        arrives that much longer (fewer, fuller forwards at a small latency cost)."""
         pending: list[tuple[bytes, Rollout]] = []
         tokens = 0
+        deadline = time.monotonic() + self.batch_wait_s
         while tokens < self.max_batch_tokens:
-            received = self.router.recv(timeout_s=0.0)
+            received = self.router.recv(timeout_s=max(deadline - time.monotonic(), 0.0))
             if received is None:
                 break
             identity, message = received
@@ -111,7 +116,8 @@ class TeacherWorker:
 def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str) -> None:
     """The teacher role's main: bind, publish, connect, serve until shutdown."""
     scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
-    worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=cfg.teacher.max_batch_tokens)
+    worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=cfg.teacher.max_batch_tokens,
+                           batch_wait_s=cfg.teacher.batch_wait_s)
     try:
         rendezvous.publish(f"teacher/{index}/router", worker.router.address)
         rendezvous.publish(f"teacher/{index}/inbox", worker.inbox.address)

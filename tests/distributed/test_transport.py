@@ -168,3 +168,44 @@ def test_teacher_pool_of_two_scores_every_rollout(tmp_path) -> None:
             if p.is_alive():
                 p.kill()
         learner.close()
+
+
+class _RecordingScorer:
+    """A stand-in scorer with the real method name: records each forward's rollouts."""
+
+    def __init__(self) -> None:
+        self.forwards: list[list[str]] = []
+
+    def score(self, rollouts):
+        from asyncopd.teacher.scorer import TeacherScore
+
+        self.forwards.append([r.rollout_id for r in rollouts])
+        return [TeacherScore(logprobs=np.zeros(r.response_ids.shape[0], np.float32)) for r in rollouts]
+
+
+@pytest.mark.parametrize(("batch_wait_s", "expected"), [(0.0, [["0-0"], ["0-1"]]), (0.5, [["0-0", "0-1"]])])
+def test_teacher_batch_wait_collects_later_rollouts_into_one_forward(batch_wait_s, expected) -> None:
+    import threading
+
+    from asyncopd.teacher.worker import TeacherWorker
+
+    scorer = _RecordingScorer()
+    worker = TeacherWorker(scorer, index=0, host="127.0.0.1", max_batch_tokens=4096, batch_wait_s=batch_wait_s)
+    learner = Channel(zmq.PULL, bind_host="127.0.0.1")
+    worker.connect_learner(learner.address)
+    dealer = Channel(zmq.DEALER, connect=[worker.router.address], identity=b"actor-0")
+    try:
+        rng = np.random.default_rng(0)
+        first, second = make_rollout(0, rng), make_rollout(1, rng)
+        dealer.send(first)
+        later = threading.Timer(0.15, dealer.send, args=(second,))
+        later.start()
+        deadline = time.monotonic() + 10
+        while sum(len(f) for f in scorer.forwards) < 2 and time.monotonic() < deadline:
+            worker.serve_once(0.05)
+        later.join()
+        assert sorted(sorted(f) for f in scorer.forwards) == expected
+    finally:
+        worker.close()
+        dealer.close()
+        learner.close()
