@@ -189,8 +189,10 @@ class TeacherServer:
             try:
                 self.request("GET", f"{self.url}/models", retries=0)
                 return
+            except TeacherServerRefused:
+                raise  # the server is up and says no: waiting cannot help
             except TeacherServerError as exc:
-                if isinstance(exc, TeacherServerRefused) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise TeacherServerError(f"the teacher server at {self.url} is not ready after {timeout_s:.0f} s"
                                              f": {exc}") from None
             logger.info("waiting for the teacher server at %s", self.url)
