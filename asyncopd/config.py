@@ -19,6 +19,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -251,8 +252,12 @@ class ActorConfig:
 class TeacherConfig:
     """The teacher pool: how rollouts are scored."""
 
-    backend: Literal["hf"] = "hf"
-    """Scoring backend: "hf" runs a transformers forward over prompt+response."""
+    backend: Literal["hf", "vllm_http"] = "hf"
+    """Scoring backend. "hf": each teacher rank loads model.teacher.path and runs a
+    transformers forward over prompt+response. "vllm_http": each teacher rank is a
+    client of an OpenAI-compatible vLLM server (``vllm serve <teacher>``, anywhere
+    reachable) at teacher.url and scores with ``prompt_logprobs``; no model is loaded
+    here (see asyncopd/teacher/http.py)."""
     max_batch_tokens: int = 8192
     """Token budget of one scoring forward (prompt+response tokens, padded)."""
     batch_wait_s: float = 0.0
@@ -272,12 +277,39 @@ class TeacherConfig:
     ``logprobs=k``; the engine's ``max_logprobs`` is raised to k), and the teacher
     returns, per response token, its own top-k ids followed by the student's ids it
     lacks, padded with -1 to 2k, with its log-prob of each (the top-k reverse KL's
-    support). At most MAX_TOP_K and at most the vocabulary size."""
+    support). At most MAX_TOP_K and at most the vocabulary size. With
+    backend="vllm_http" the server reports only its own top-k (plus the sampled token),
+    so the student's ids it lacks are dropped (-1 padding); the server must run with
+    ``--max-logprobs`` >= k."""
+    url: str | None = None
+    """backend="vllm_http": the server's OpenAI base URL, e.g. "http://host:8000/v1"
+    (completions go to <url>/completions; the tokenizer check uses <url without
+    /v1>/tokenize). Required with vllm_http, must be unset with hf."""
+    served_model: str | None = None
+    """backend="vllm_http": the model name to request (vllm serve
+    --served-model-name). None: the server's only model (GET <url>/models)."""
+    tokenizer: str | None = None
+    """backend="vllm_http": a local directory (or hub id) with the served teacher's
+    tokenizer, compared exactly with the student's at start-up. None: the check asks
+    the server instead (its /tokenize of a probe text drawn from the student's
+    vocabulary must equal the student's tokenization)."""
+    http_timeout_s: float = 60.0
+    """backend="vllm_http": seconds one scoring request may take (connect + prefill +
+    answer) before it counts as failed and is retried; at most request_timeout_s."""
+    http_concurrency: int = 4
+    """backend="vllm_http": scoring requests each teacher rank keeps in flight (each
+    holds up to max_batch_tokens prompt+response tokens of several rollouts)."""
+    http_max_retries: int = 3
+    """backend="vllm_http": resends of a request after a connection error, a timeout
+    or a 5xx/429 answer (backoff 0.5 s, 1 s, 2 s, ...); a 4xx answer is not retried."""
 
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
         _check_positive("teacher", self, "batch_wait_s", allow_zero=True)
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
+        _check_positive("teacher", self, "http_timeout_s", "http_concurrency")
+        _check_positive("teacher", self, "http_max_retries", allow_zero=True)
+        self._check_backend()
         if self.top_k > MAX_TOP_K:
             _fail(
                 "teacher.top_k", self.top_k,
@@ -287,6 +319,27 @@ class TeacherConfig:
                 "(the actor sets vLLM's max_logprobs to teacher.top_k, so vLLM's own default cap of 20 "
                 "does not apply)",
             )
+
+    def _check_backend(self) -> None:
+        http_fields = ("url", "served_model", "tokenizer")
+        if self.backend == "hf":
+            for name in http_fields:
+                if getattr(self, name) is not None:
+                    _fail(f"teacher.{name}", getattr(self, name), "is used only by teacher.backend=vllm_http",
+                          f"set teacher.backend=vllm_http to score on that server, or remove teacher.{name}")
+            return
+        if self.url is None:
+            _fail("teacher.url", None, "teacher.backend=vllm_http needs the server's address",
+                  "start `vllm serve <teacher>` and set teacher.url=http://<host>:<port>/v1")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            _fail("teacher.url", self.url, "is not an http(s) URL",
+                  "use the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+        if self.http_timeout_s > self.request_timeout_s:
+            _fail("teacher.http_timeout_s", self.http_timeout_s,
+                  f"exceeds teacher.request_timeout_s={self.request_timeout_s}: actors would resend a rollout "
+                  "while its scoring request is still running",
+                  "lower teacher.http_timeout_s or raise teacher.request_timeout_s")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -35,7 +35,8 @@ from asyncopd.config import ConfigError, JobConfig, from_dict
 if TYPE_CHECKING:
     from asyncopd.transport.security import CurveSecurity
 
-__all__ = ["main", "compose_config", "resolve_model_paths", "world_environment", "install_security"]
+__all__ = ["main", "compose_config", "resolve_model_paths", "check_teacher_server", "world_environment",
+           "install_security"]
 
 logger = logging.getLogger("asyncopd.launch")
 
@@ -80,32 +81,43 @@ def compose_config(argv: list[str]) -> JobConfig:
     return from_dict(data)
 
 
-def resolve_model_paths(cfg: JobConfig) -> tuple[str, str]:
+def resolve_model_paths(cfg: JobConfig) -> tuple[str, str | None]:
     """(student, teacher) model directories; builds and caches the demo models when
-    a path is unset; fails clearly on a missing path or mismatched tokenizers."""
+    a path is unset; fails clearly on a missing path or mismatched tokenizers. The
+    teacher is None with teacher.backend=vllm_http: the server holds it, and the
+    tokenizer check runs against the server (or teacher.tokenizer)."""
+    remote = cfg.teacher.backend == "vllm_http"
+    if remote and cfg.model.teacher.path is not None:
+        raise ConfigError(f"model.teacher.path={cfg.model.teacher.path!r}: unused with teacher.backend=vllm_http "
+                          "(the server at teacher.url holds the teacher). Fix: remove model.teacher.path; to check "
+                          "tokenizers against a local copy set teacher.tokenizer=<its directory>.")
     student, teacher = cfg.model.student.path, cfg.model.teacher.path
-    if student is None or teacher is None:
+    if student is None or (teacher is None and not remote):
         from asyncopd.tasks.demo import ensure_demo_models
 
         demo_teacher, demo_student = ensure_demo_models(cfg.task)
         student = student or str(demo_student)
-        teacher = teacher or str(demo_teacher)
-    for field, path in (("model.student.path", student), ("model.teacher.path", teacher)):
+        teacher = None if remote else teacher or str(demo_teacher)
+    fields = [("model.student.path", student)] + ([] if teacher is None else [("model.teacher.path", teacher)])
+    for field, path in fields:
         if Path(path).exists() and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"{field}={path!r} has no config.json. Fix: point it at a Hugging Face model "
                               "directory (save_pretrained output).")
-    check_tokenizers(student, teacher)
+    if teacher is not None:
+        check_tokenizers(student, teacher)
+    else:
+        check_teacher_server(cfg, student)
     return student, teacher
 
 
-def check_tokenizers(student: str, teacher: str) -> None:
+def check_tokenizers(student: str, teacher: str, teacher_field: str = "model.teacher.path") -> None:
     from transformers import AutoTokenizer
 
     try:
         tok_s, tok_t = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
     except OSError as exc:
         raise ConfigError(f"cannot load a tokenizer: {exc}. Fix: check model.student.path and "
-                          "model.teacher.path (local Hugging Face directories).") from None
+                          f"{teacher_field} (local Hugging Face directories).") from None
     vocab_s, vocab_t = tok_s.get_vocab(), tok_t.get_vocab()
     if vocab_s != vocab_t or tok_s.eos_token_id != tok_t.eos_token_id:
         differing = sorted(set(vocab_s.items()) ^ set(vocab_t.items()))[:5]
@@ -115,6 +127,34 @@ def check_tokenizers(student: str, teacher: str) -> None:
             "distillation scores the student's tokens with the teacher, so both must share one tokenizer. "
             "Fix: choose a teacher from the student's model family."
         )
+
+
+def check_teacher_server(cfg: JobConfig, student: str) -> None:
+    """teacher.backend=vllm_http: the server is up, serves the named model with room
+    for actor.max_model_len tokens, and tokenizes like the student (checked on the
+    server, or locally against teacher.tokenizer when set)."""
+    from transformers import AutoTokenizer
+
+    from asyncopd.teacher.http import TeacherServer, TeacherServerError, check_served_tokenizer
+
+    teacher = cfg.teacher
+    assert teacher.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
+    if teacher.tokenizer is not None:
+        check_tokenizers(student, teacher.tokenizer, teacher_field="teacher.tokenizer")
+    try:
+        with TeacherServer(teacher.url, timeout_s=teacher.http_timeout_s, max_retries=teacher.http_max_retries,
+                           top_k=teacher.top_k) as server:
+            server.wait_until_up(cfg.cluster.startup_timeout_s)
+            model = server.resolve_model(teacher.served_model)
+            if model.max_model_len is not None and model.max_model_len < cfg.actor.max_model_len:
+                raise ConfigError(
+                    f"actor.max_model_len={cfg.actor.max_model_len}: the teacher server at {teacher.url} accepts "
+                    f"only {model.max_model_len} tokens per sequence. Fix: restart it with --max-model-len >= "
+                    f"{cfg.actor.max_model_len}, or lower actor.max_model_len.")
+            if teacher.tokenizer is None:
+                check_served_tokenizer(server, model.id, AutoTokenizer.from_pretrained(student))
+    except TeacherServerError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _setup_logging(level: str, tag: str) -> None:

@@ -11,7 +11,8 @@ the teacher's log-prob of each id (0 at padding).
 prompt+response sequences and takes the log-softmax only at response positions
 (never a dense [tokens, vocab] log-softmax of the whole batch).
 
-This module does no networking; :mod:`asyncopd.teacher.worker` feeds it.
+This module does no networking; :mod:`asyncopd.teacher.worker` feeds it. The
+backend that scores on a remote vLLM server is :mod:`asyncopd.teacher.http`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from asyncopd.types import Rollout
 
-__all__ = ["Scorer", "TeacherScore", "HFScorer", "split_by_token_budget", "topk_union"]
+__all__ = ["Scorer", "TeacherScore", "HFScorer", "check_topk_width", "split_by_token_budget", "topk_union"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +154,21 @@ class HFScorer:
                 f"rollout {r.rollout_id} has token id {int(ids.max())} outside the teacher's vocabulary "
                 f"({self.vocab_size}); teacher and student must share a tokenizer"
             )
-        if not self.top_k:
-            return
-        student = r.student_topk_ids
-        if student is None and r.kind != "eval_greedy":
-            raise ValueError(f"rollout {r.rollout_id} ({r.kind}) carries no student_topk_ids but teacher.top_k="
-                             f"{self.top_k}; actors and teachers must run with the same teacher.top_k")
-        if student is not None and student.shape[1] != self.top_k:
-            raise ValueError(f"rollout {r.rollout_id} carries {student.shape[1]} student top-k ids per token, "
-                             f"teacher.top_k={self.top_k}; actors and teachers must run with the same teacher.top_k")
+        check_topk_width(r, self.top_k)
+
+
+def check_topk_width(r: Rollout, top_k: int) -> None:
+    """Refuse a rollout whose student top-k does not fit teacher.top_k (actors and
+    teachers were started with different settings)."""
+    if not top_k:
+        return
+    student = r.student_topk_ids
+    if student is None and r.kind != "eval_greedy":
+        raise ValueError(f"rollout {r.rollout_id} ({r.kind}) carries no student_topk_ids but teacher.top_k="
+                         f"{top_k}; actors and teachers must run with the same teacher.top_k")
+    if student is not None and student.shape[1] != top_k:
+        raise ValueError(f"rollout {r.rollout_id} carries {student.shape[1]} student top-k ids per token, "
+                         f"teacher.top_k={top_k}; actors and teachers must run with the same teacher.top_k")
 
 
 def _numpy(tensor: Tensor, dtype: type) -> np.ndarray:

@@ -113,10 +113,22 @@ class TeacherWorker:
                 channel.close()
 
 
-def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str) -> None:
-    """The teacher role's main: bind, publish, connect, serve until shutdown."""
-    scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
-    worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=cfg.teacher.max_batch_tokens,
+def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str | None) -> None:
+    """The teacher role's main: bind, publish, connect, serve until shutdown.
+    ``teacher_path``: the local teacher model (None with teacher.backend=vllm_http)."""
+    scorer: Scorer
+    if cfg.teacher.backend == "vllm_http":
+        from asyncopd.teacher.http import HttpScorer
+
+        scorer = HttpScorer.from_config(cfg.teacher, startup_timeout_s=cfg.cluster.startup_timeout_s)
+        # The scorer splits each batch into requests of max_batch_tokens and keeps
+        # http_concurrency of them in flight, so the worker hands it that many at once.
+        max_batch_tokens = cfg.teacher.max_batch_tokens * cfg.teacher.http_concurrency
+    else:
+        assert teacher_path is not None, "the hf backend scores with a local model"
+        scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
+        max_batch_tokens = cfg.teacher.max_batch_tokens
+    worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=max_batch_tokens,
                            batch_wait_s=cfg.teacher.batch_wait_s)
     try:
         rendezvous.publish(f"teacher/{index}/router", worker.router.address)

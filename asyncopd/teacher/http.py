@@ -1,0 +1,393 @@
+"""Teacher scoring on a remote OpenAI-compatible vLLM server (teacher.backend=vllm_http).
+
+verl, slime and AReaL users keep the teacher behind ``vllm serve <teacher>`` on
+another machine; this backend is that server's client. One teacher rank::
+
+    TeacherWorker ──rollouts──> HttpScorer ──POST <url>/completions (up to http_concurrency
+                                    │          in flight, each holding several rollouts)──> vLLM
+                  <─TeacherScore────┘ <──prompt_logprobs───────────────────────────────────
+
+Every request sends prompt+response as token ids (a list of prompts, one per
+rollout), ``max_tokens=1`` (vLLM generates at least one token; it is ignored) and
+``prompt_logprobs=k`` (k = teacher.top_k). vLLM answers one dict per prompt position
+(the first is null), keyed by token id, holding the actual token's log-prob and,
+for k > 0, the teacher's k most likely ids with ``rank`` 1..k.
+
+Top-k and its one difference from :class:`~asyncopd.teacher.scorer.HFScorer`: the
+server reports only its own top-k plus the actual token, so the teacher's
+log-prob of a *student-only* top-k id is unknown. Those ids are dropped (-1
+padding), so the support is the teacher's top-k alone. The top-k reverse KL over
+{teacher top-k} + tail bucket is still the exact KL between the two distributions
+coarsened to that partition (a lower bound of the full KL, like the union's), but
+``learner/topk_overlap`` then reads 1 (it counts padding as shared ids).
+
+Connection errors, timeouts and 5xx/429 answers are retried with backoff; a 4xx
+answer or a malformed body is a :class:`TeacherServerError` that names the URL and
+the fix (the worker acks that batch as failed; actors resend it).
+
+This module owns no sockets of the teacher pool, loads no model and reads no
+config files; :func:`check_served_tokenizer` is the launcher's start-up check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+
+from asyncopd.config import TeacherConfig
+from asyncopd.teacher.scorer import TeacherScore, check_topk_width
+from asyncopd.types import Rollout
+
+__all__ = [
+    "TeacherServerError",
+    "TeacherServerRefused",
+    "TeacherServer",
+    "HttpScorer",
+    "build_completion_request",
+    "parse_prompt_logprobs",
+    "split_by_request_tokens",
+    "check_served_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_S = 0.5
+"""First retry delay; doubled on every further retry."""
+_PROBE_IDS = 2048
+"""Vocabulary ids (evenly spaced) decoded into the tokenizer probe text."""
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server failed a request or answered something unusable; the
+    message names the URL and the fix."""
+
+
+class TeacherServerRefused(TeacherServerError):
+    """A 4xx answer: resending the same request cannot help."""
+
+
+class _Logprob(msgspec.Struct):
+    logprob: float
+    rank: int | None = None
+
+
+PositionLogprobs = dict[int, _Logprob] | None
+"""One prompt position of vLLM's ``prompt_logprobs``: token id -> log-prob and rank."""
+
+
+class _Choice(msgspec.Struct):
+    index: int
+    prompt_logprobs: list[PositionLogprobs] | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: list[_Choice]
+
+
+class _Model(msgspec.Struct):
+    id: str
+    max_model_len: int | None = None
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+
+
+class _Tokenized(msgspec.Struct):
+    tokens: list[int]
+
+
+def _fix_for(status: int, message: str, top_k: int) -> str:
+    """The remedy for a refused request, from vLLM's error text."""
+    lowered = message.lower()
+    if "logprobs" in lowered and "max allowed" in lowered:
+        return f"restart the server with --max-logprobs >= {top_k} (teacher.top_k)"
+    if "out of vocabulary" in lowered:
+        return "serve a teacher that shares the student's tokenizer"
+    if "context length" in lowered or "max_model_len" in lowered or "longer than" in lowered:
+        return "restart the server with --max-model-len >= actor.max_model_len"
+    if status == 404:
+        return ("check teacher.url (the OpenAI base URL, ending in /v1) and teacher.served_model "
+                "(GET <url>/models lists the served names)")
+    if status in (401, 403):
+        return "serve the teacher without --api-key (asyncopd sends no credentials)"
+    return "check teacher.url and teacher.served_model against the server"
+
+
+class TeacherServer:
+    """A small client of one vLLM OpenAI-compatible server, with retries."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 4,
+                 top_k: int = 0, transport: httpx.BaseTransport | None = None) -> None:
+        """``url``: the OpenAI base URL (".../v1"); ``top_k`` only shapes error hints;
+        ``transport``: an httpx transport (tests pass ``httpx.MockTransport``)."""
+        self.url = url.rstrip("/")
+        self.root = self.url.removesuffix("/v1")
+        """Where vLLM's non-OpenAI routes (/tokenize) live."""
+        self.max_retries = max_retries
+        self.top_k = top_k
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self._client = httpx.Client(timeout=timeout_s, limits=limits, transport=transport)
+
+    def __enter__(self) -> TeacherServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def request(self, method: str, url: str, payload: dict[str, Any] | None = None, *,
+                retries: int | None = None) -> bytes:
+        """The body of a 2xx answer; retries transport errors, 5xx and 429 with backoff."""
+        retries = self.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            try:
+                response = self._client.request(method, url, json=payload)
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.is_success:
+                    return response.content
+                if response.status_code != 429 and response.status_code < 500:
+                    message = _error_message(response)
+                    raise TeacherServerRefused(
+                        f"{method} {url} was refused ({response.status_code}): {message}. "
+                        f"Fix: {_fix_for(response.status_code, message, self.top_k)}.")
+                problem = f"HTTP {response.status_code}: {_error_message(response)}"
+            if attempt < retries:
+                delay = _BACKOFF_S * 2**attempt
+                logger.warning("%s %s failed (%s); retry %d/%d in %.1f s", method, url, problem, attempt + 1,
+                               retries, delay)
+                time.sleep(delay)
+        raise TeacherServerError(
+            f"{method} {url} failed {retries + 1} times, last: {problem}. Fix: check that the teacher server is "
+            f"up and reachable from this node (curl {self.url}/models) and not overloaded (lower "
+            "teacher.http_concurrency or raise teacher.http_timeout_s).")
+
+    def decode(self, body: bytes, into: type, url: str) -> Any:
+        try:
+            return msgspec.json.decode(body, type=into)
+        except msgspec.DecodeError as exc:
+            raise TeacherServerError(
+                f"{url} answered a body asyncopd cannot read ({exc}; starts {body[:200]!r}). Fix: point teacher.url "
+                "at a vLLM OpenAI-compatible server (`vllm serve`), whose completions return prompt_logprobs."
+            ) from None
+
+    def wait_until_up(self, timeout_s: float) -> None:
+        """Poll GET <url>/models until the server answers (it may still be loading)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.request("GET", f"{self.url}/models", retries=0)
+                return
+            except TeacherServerRefused:
+                raise  # the server is up and says no: waiting cannot help
+            except TeacherServerError as exc:
+                if time.monotonic() > deadline:
+                    raise TeacherServerError(f"the teacher server at {self.url} is not ready after {timeout_s:.0f} s"
+                                             f": {exc}") from None
+            logger.info("waiting for the teacher server at %s", self.url)
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+    def models(self) -> list[_Model]:
+        url = f"{self.url}/models"
+        return self.decode(self.request("GET", url), _ModelList, url).data
+
+    def resolve_model(self, served_model: str | None) -> _Model:
+        """The served model to request: ``served_model``, or the server's only one."""
+        models = self.models()
+        names = [m.id for m in models]
+        if served_model is None and len(models) == 1:
+            return models[0]
+        if served_model is None:
+            raise TeacherServerError(f"the server at {self.url} serves {len(models)} models {names}. Fix: set "
+                                     "teacher.served_model to the teacher's name.")
+        for model in models:
+            if model.id == served_model:
+                return model
+        raise TeacherServerError(f"teacher.served_model={served_model!r}: the server at {self.url} serves only "
+                                 f"{names}. Fix: use one of those names.")
+
+    def tokenize(self, model: str, text: str) -> list[int]:
+        url = f"{self.root}/tokenize"
+        body = self.request("POST", url, {"model": model, "prompt": text, "add_special_tokens": False})
+        return self.decode(body, _Tokenized, url).tokens
+
+    def complete(self, payload: dict[str, Any]) -> list[_Choice]:
+        """POST <url>/completions; the choices in prompt order."""
+        url = f"{self.url}/completions"
+        choices = sorted(self.decode(self.request("POST", url, payload), _Completion, url).choices,
+                         key=lambda c: c.index)
+        if [c.index for c in choices] != list(range(len(payload["prompt"]))):
+            raise TeacherServerError(f"{url} answered {len(choices)} choices for {len(payload['prompt'])} prompts. "
+                                     "Fix: point teacher.url at a vLLM OpenAI-compatible server.")
+        return choices
+
+
+def _error_message(response: httpx.Response) -> str:
+    """vLLM's {"error": {"message": ...}}, FastAPI's {"detail": ...}, or the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])[:300]
+        if "detail" in body:
+            return str(body["detail"])[:300]
+    return str(body)[:300]
+
+
+def build_completion_request(model: str, rollouts: Sequence[Rollout], top_k: int) -> dict[str, Any]:
+    """One /completions body scoring every rollout: prompt+response as token ids."""
+    prompts = [np.concatenate([r.prompt_ids, r.response_ids]).tolist() for r in rollouts]
+    # max_tokens=1: vLLM must generate something; that token is ignored.
+    return {"model": model, "prompt": prompts, "max_tokens": 1, "temperature": 1.0, "n": 1,
+            "prompt_logprobs": top_k}
+
+
+def split_by_request_tokens(rollouts: Sequence[Rollout], max_tokens: int) -> list[list[Rollout]]:
+    """Consecutive groups of at most ``max_tokens`` prompt+response tokens (the server
+    pads nothing); a single over-budget rollout forms its own group."""
+    groups: list[list[Rollout]] = []
+    tokens = 0
+    for rollout in rollouts:
+        if not groups or tokens + rollout.num_tokens > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(rollout)
+        tokens += rollout.num_tokens
+    return groups
+
+
+def parse_prompt_logprobs(positions: Sequence[PositionLogprobs], rollout: Rollout, top_k: int, *,
+                          source: str = "the server") -> TeacherScore:
+    """A :class:`TeacherScore` from vLLM's ``prompt_logprobs`` of prompt+response.
+
+    The response span's dicts must hold the actual token and, for ``top_k`` = k > 0,
+    ids of rank 1..k (k entries when the actual token is among them, k+1 otherwise).
+    """
+    start, n = rollout.prompt_ids.shape[0], rollout.response_ids.shape[0]
+
+    def malformed(problem: str) -> TeacherServerError:
+        return TeacherServerError(f"{source} answered unusable prompt_logprobs for rollout {rollout.rollout_id}: "
+                                  f"{problem}. Fix: point teacher.url at a vLLM OpenAI-compatible server.")
+
+    if len(positions) != start + n:
+        raise malformed(f"{len(positions)} positions for {start + n} prompt+response tokens")
+    span = positions[start:]
+    if any(d is None for d in span):
+        raise malformed("a response position has no log-probs")
+    counts = np.fromiter((len(d) for d in span), np.int64, n)  # type: ignore[arg-type]
+    total = int(counts.sum())
+    ids = np.fromiter((i for d in span for i in d), np.int64, total)  # type: ignore[union-attr]
+    entries = [e for d in span for e in d.values()]  # type: ignore[union-attr]
+    logprobs = np.fromiter((e.logprob for e in entries), np.float64, total)
+    row = np.repeat(np.arange(n), counts)  # [total]: the response position of each entry
+    is_sampled = ids == rollout.response_ids.astype(np.int64)[row]
+    if not (np.bincount(row[is_sampled], minlength=n) == 1).all():
+        raise malformed("a response position lacks the log-prob of its own token")
+    sampled = logprobs[is_sampled].astype(np.float32)  # rows ascend, so this is response order
+    if not top_k:
+        return TeacherScore(logprobs=sampled)
+
+    if not np.isin(counts, (top_k, top_k + 1)).all():
+        bad = int(counts[~np.isin(counts, (top_k, top_k + 1))][0])
+        raise malformed(f"a response position holds {bad} entries, expected teacher.top_k={top_k} or one more "
+                        "(is teacher.top_k above the teacher's vocabulary size?)")
+    # With k+1 entries the actual token ranks below k: it is not part of the top-k.
+    keep = ~(is_sampled & (counts[row] == top_k + 1))
+    if any(e.rank is None for e, k in zip(entries, keep) if k):
+        raise malformed("a top-k entry has no rank")
+    ranks = np.fromiter((e.rank if e.rank is not None else 0 for e in entries), np.int64, total)[keep]
+    ranks = ranks.reshape(n, top_k)
+    order = np.argsort(ranks, axis=1, kind="stable")
+    if not (np.take_along_axis(ranks, order, 1) == np.arange(1, top_k + 1)).all():
+        raise malformed(f"the top-k entries do not have ranks 1..{top_k}")
+    top_ids = np.take_along_axis(ids[keep].reshape(n, top_k), order, 1)
+    top_lps = np.take_along_axis(logprobs[keep].reshape(n, top_k), order, 1)
+    # Student-only ids: their teacher log-probs are unknown here, so they are dropped.
+    topk_ids = np.concatenate([top_ids, np.full((n, top_k), -1)], axis=1).astype(np.int32)
+    topk_logprobs = np.concatenate([top_lps, np.zeros((n, top_k))], axis=1).astype(np.float32)
+    return TeacherScore(logprobs=sampled, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+
+
+class HttpScorer:
+    """A :class:`~asyncopd.teacher.scorer.Scorer` backed by a remote vLLM server."""
+
+    def __init__(self, server: TeacherServer, *, model: str, top_k: int = 0, max_request_tokens: int = 8192,
+                 concurrency: int = 4) -> None:
+        """``model``: the served model name; ``max_request_tokens``: prompt+response
+        tokens per request; ``concurrency``: requests in flight."""
+        self.server = server
+        self.model = model
+        self.top_k = top_k
+        self.max_request_tokens = max_request_tokens
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-http")
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, *, startup_timeout_s: float) -> HttpScorer:
+        """Connect to teacher.url, waiting up to ``startup_timeout_s`` for it to come up."""
+        assert cfg.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
+        server = TeacherServer(cfg.url, timeout_s=cfg.http_timeout_s, max_retries=cfg.http_max_retries,
+                               concurrency=cfg.http_concurrency, top_k=cfg.top_k)
+        server.wait_until_up(startup_timeout_s)
+        model = server.resolve_model(cfg.served_model).id
+        logger.info("scoring with %r at %s (%d requests in flight)", model, server.url, cfg.http_concurrency)
+        return cls(server, model=model, top_k=cfg.top_k, max_request_tokens=cfg.max_batch_tokens,
+                   concurrency=cfg.http_concurrency)
+
+    def score(self, rollouts: Sequence[Rollout]) -> list[TeacherScore]:
+        for r in rollouts:
+            check_topk_width(r, self.top_k)
+        groups = split_by_request_tokens(rollouts, self.max_request_tokens)
+        futures = [self._pool.submit(self._score_group, group) for group in groups]
+        return [score for future in futures for score in future.result()]
+
+    def _score_group(self, rollouts: list[Rollout]) -> list[TeacherScore]:
+        choices = self.server.complete(build_completion_request(self.model, rollouts, self.top_k))
+        source = f"{self.server.url}/completions"
+        results = []
+        for r, choice in zip(rollouts, choices):
+            if choice.prompt_logprobs is None:
+                raise TeacherServerError(f"{source} answered no prompt_logprobs. Fix: point teacher.url at a vLLM "
+                                         "OpenAI-compatible server (it returns them when asked).")
+            results.append(parse_prompt_logprobs(choice.prompt_logprobs, r, self.top_k, source=source))
+        return results
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.server.close()
+
+
+def check_served_tokenizer(server: TeacherServer, model: str, student_tokenizer: Any) -> None:
+    """Refuse a served teacher whose tokenizer differs from the student's: its
+    /tokenize of a probe text (decoded from ids spread over the student's
+    vocabulary, plus the EOS token) must equal the student's ids."""
+    special = set(student_tokenizer.all_special_ids)
+    vocab_size = len(student_tokenizer)
+    stride = max(1, vocab_size // _PROBE_IDS)
+    text = "".join(student_tokenizer.decode([i]) for i in range(0, vocab_size, stride) if i not in special)
+    checks = [("a probe text", text)]
+    if student_tokenizer.eos_token is not None:
+        checks.append(("the EOS token", student_tokenizer.eos_token))
+    for what, probe in checks:
+        ours = student_tokenizer(probe, add_special_tokens=False)["input_ids"]
+        theirs = server.tokenize(model, probe)
+        if ours != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise TeacherServerError(
+                f"the served teacher {model!r} at {server.url} tokenizes {what} differently from the student "
+                f"(first difference at token {first}: student {ours[first:first + 5]}, teacher "
+                f"{theirs[first:first + 5]}). On-policy distillation scores the student's tokens with the teacher, "
+                "so both must share one tokenizer. Fix: serve a teacher from the student's model family.")
