@@ -26,7 +26,8 @@ from torch import Tensor
 
 from asyncopd.types import ScoredRollout
 
-__all__ = ["TrainSample", "MicroBatch", "pack_micro_batches", "count_response_tokens", "count_sequences"]
+__all__ = ["TrainSample", "MicroBatch", "pack_micro_batches", "count_response_tokens", "count_sequences",
+           "topk_overlap"]
 
 
 def _check_array(name: str, array: np.ndarray, dtype: type, length: int | None) -> None:
@@ -156,6 +157,17 @@ class MicroBatch:
 def count_response_tokens(samples: Sequence[TrainSample]) -> int:
     """Response tokens in ``samples``: the token-mean normaliser of a batch."""
     return sum(sample.num_response_tokens for sample in samples)
+
+
+def topk_overlap(student_topk_ids: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    """Per response token, the share of the student's top-k ids that are among the
+    teacher's top-k: student_topk_ids int [n, k] (the actor's behaviour top-k),
+    topk_ids int [n, 2k] (the teacher's top-k first, as the teacher pool sends it)
+    -> float [n] in [0, 1]."""
+    k = student_topk_ids.shape[1]
+    teacher = topk_ids[:, :k]  # [n, k]
+    shared = (student_topk_ids[:, :, None] == teacher[:, None, :]).any(-1)  # [n, k]
+    return shared.sum(-1) / max(k, 1)
 
 
 def count_sequences(samples: Sequence[TrainSample]) -> int:

@@ -390,10 +390,6 @@ def _metrics(x: LossInputs, advantages: Tensor, correction: ImportanceWeights, p
             "learner/adv_sq_mean": adv_sq_mean,
             "learner/adv_std": (adv_sq_mean - adv_mean**2).clamp(min=0.0).sqrt(),
         }
-        if x.topk_valid is not None:
-            width = x.topk_valid.shape[-1]  # K = 2k
-            overlap = (width - x.topk_valid.sum(-1)) / (width / 2)  # [B, T]: shared ids / k
-            metrics["learner/topk_overlap"] = _masked_mean(overlap, mask)
     return {key: value.float() for key, value in metrics.items()}
 
 
@@ -413,8 +409,8 @@ def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
     ``pg_loss``, ``kl_loss`` (0 without), ``rkl`` (lp_old - lp_teacher), ``kl_k3``,
     ``is_ratio_mean`` (raw token ratio), ``is_clip_frac`` (weight capped),
     ``is_mask_frac`` (dropped by masked IS), ``ppo_clip_frac``, ``entropy`` (0 without),
-    ``adv_mean``, ``adv_sq_mean``, ``adv_std`` (this micro-batch's), and
-    ``topk_overlap`` (shared teacher/student top-k ids over k) when top-k inputs come.
+    ``adv_mean``, ``adv_sq_mean``, ``adv_std`` (this micro-batch's). (The top-k
+    overlap is a batch metric of the learner: see ``batching.topk_overlap``.)
     """
     if cfg.entropy_coef > 0 and inputs.entropy is None:
         raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} needs LossInputs.entropy")

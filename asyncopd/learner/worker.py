@@ -27,7 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from asyncopd.config import JobConfig, LossConfig
-from asyncopd.learner.batching import TrainSample
+from asyncopd.learner.batching import TrainSample, topk_overlap
 from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.io import LearnerIO
@@ -83,7 +83,16 @@ def _batch_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
         "teacher/score_s": float(sum(s.score_s for s in batch)),
         "teacher/rkl_behaviour": float(np.mean(np.concatenate(
             [s.rollout.behaviour_logprobs - s.teacher_logprobs for s in batch]))),
+        **_topk_metrics(batch),
     }
+
+
+def _topk_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
+    with_topk = [s for s in batch if s.topk_ids is not None and s.rollout.student_topk_ids is not None]
+    if not with_topk:
+        return {}
+    overlap = np.concatenate([topk_overlap(s.rollout.student_topk_ids, s.topk_ids) for s in with_topk])
+    return {"learner/topk_overlap": float(overlap.mean())} if overlap.size else {}
 
 
 class Learner:

@@ -18,8 +18,9 @@ server reports only its own top-k plus the actual token, so the teacher's
 log-prob of a *student-only* top-k id is unknown. Those ids are dropped (-1
 padding), so the support is the teacher's top-k alone. The top-k reverse KL over
 {teacher top-k} + tail bucket is still the exact KL between the two distributions
-coarsened to that partition (a lower bound of the full KL, like the union's), but
-``learner/topk_overlap`` then reads 1 (it counts padding as shared ids).
+coarsened to that partition (a lower bound of the full KL, like the union's).
+``learner/topk_overlap`` compares the rollout's own student top-k with the teacher's
+top-k, so it stays right.
 
 Connection errors, timeouts and 5xx/429 answers are retried with backoff; a 4xx
 answer or a malformed body is a :class:`TeacherServerError` that names the URL and

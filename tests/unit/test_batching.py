@@ -100,3 +100,12 @@ def test_mixed_top_k_widths_are_refused() -> None:
         pack_micro_batches([with_k, _sample(2, 3)], token_budget=64)
     with pytest.raises(ValueError, match="both or neither"):
         dataclasses.replace(_sample(2, 3), topk_ids=ids)
+
+
+def test_topk_overlap_counts_student_ids_among_the_teachers_top_k() -> None:
+    from asyncopd.learner.batching import topk_overlap
+
+    student = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
+    # Teacher top-2 first, then student-only ids (or -1 where a backend leaves them out).
+    union = np.array([[2, 1, -1, -1], [4, 9, 3, -1], [7, 8, -1, -1]], np.int32)
+    assert topk_overlap(student, union).tolist() == [1.0, 0.5, 0.0]

@@ -194,14 +194,12 @@ def reference(inputs: LossInputs, cfg: LossConfig, num_tokens: int, num_seqs: in
             ref.grad_lp[b, t] = scale * (cfg.pg_coef * d_pg + cfg.kl_loss_coef * d_kl)
             ref.grad_entropy[b, t] = -scale * cfg.entropy_coef
             u = min(max(signal[t], -MAX_LOG_RATIO), MAX_LOG_RATIO)
-            width = len(topk_valid[b][t])
             ref.num_tokens += 1
             for key, value in (("pg_loss", pg), ("kl_loss", kl), ("rkl", -signal[t]),
                                ("kl_k3", math.exp(u) - u - 1),
                                ("is_ratio_mean", math.exp(min(lp_old[b][t] - lp_behaviour[b][t], MAX_LOG_RATIO))),
                                ("is_clip_frac", capped), ("is_mask_frac", dropped), ("ppo_clip_frac", ppo_clipped),
-                               ("entropy", entropy[b][t]), ("adv_mean", adv), ("adv_sq_mean", adv * adv),
-                               ("topk_overlap", (width - sum(topk_valid[b][t])) / (width / 2))):
+                               ("entropy", entropy[b][t]), ("adv_mean", adv), ("adv_sq_mean", adv * adv)):
                 ref.add(f"learner/{key}", float(value))
     return ref
 
@@ -276,7 +274,6 @@ def test_fixture_exercises_every_branch() -> None:
         assert 0.1 < metrics[key] < 0.9, (correction, metrics[key])
     metrics = reference(inputs, make_cfg(), 10, 3).metrics()
     assert 0.1 < metrics["learner/ppo_clip_frac"] < 0.9
-    assert 0.0 < metrics["learner/topk_overlap"] < 1.0
 
 
 def test_padding_never_reaches_loss_metrics_or_gradients() -> None:
@@ -410,4 +407,4 @@ def test_missing_inputs_and_bad_normalisers_are_explained() -> None:
         with pytest.raises(ValueError, match=message):
             compute_loss(plain, cfg, **{"global_num_tokens": 10, **counts})
     out = compute_loss(plain, make_cfg(entropy_coef=0.0), global_num_tokens=10)
-    assert out.metrics["learner/entropy"].item() == 0.0 and "learner/topk_overlap" not in out.metrics
+    assert out.metrics["learner/entropy"].item() == 0.0
