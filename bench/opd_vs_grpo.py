@@ -121,22 +121,37 @@ def main() -> None:
                         help="the teacher's held-out accuracy (default: the demo teacher's, from its cache)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "opd_vs_grpo")
+    parser.add_argument("--from-curves", type=Path, default=None,
+                        help="re-analyse a previous run's curves.json instead of running the jobs")
     args, extra = parser.parse_known_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or "opd" not in methods:
         parser.error(f"--methods must include opd and name only {sorted(METHODS)}; got {args.methods}")
-    args.out.mkdir(parents=True, exist_ok=True)
     teacher = args.teacher_accuracy if args.teacher_accuracy is not None else teacher_accuracy(extra)
     target = args.target_frac * teacher
-    curves = {}
-    for method in methods:
-        run_dir = args.out / method
-        run(method, run_dir, args, extra)
-        curves[method] = curve(run_dir)
-    (args.out / "curves.json").write_text(json.dumps(curves, indent=1))
-    plot(curves, target, args.out / "curves.png")
+    if args.from_curves is not None:
+        curves = {m: [tuple(p) for p in pts] for m, pts in json.loads(args.from_curves.read_text()).items()}
+        methods = [m for m in methods if m in curves]
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        curves = {}
+        for method in methods:
+            run_dir = args.out / method
+            run(method, run_dir, args, extra)
+            curves[method] = curve(run_dir)
+        (args.out / "curves.json").write_text(json.dumps(curves, indent=1))
+        plot(curves, target, args.out / "curves.png")
 
+    # The ratio depends on the target: show a few beside the chosen one.
+    print("tokens to reach a fraction of the teacher's accuracy (- = not reached):")
+    print("  frac  target  " + "  ".join(f"{m:>10s}" for m in methods))
+    for frac in sorted({0.65, 0.7, 0.75, args.target_frac}):
+        cells = []
+        for m in methods:
+            tokens, ok = tokens_to_target(curves[m], frac * teacher)
+            cells.append(f"{tokens:>10,}" if ok else f"{'-':>10s}")
+        print(f"  {frac:4.2f}  {frac * teacher:6.3f}  " + "  ".join(cells))
     print(f"target held-out accuracy {target:.3f} ({args.target_frac} x teacher)")
     reached = {}
     for method, points in curves.items():
