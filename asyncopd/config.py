@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,9 @@ wire (8 bytes each), and the actor reads k+1 log-prob entries per generated toke
 vLLM in Python (on a tiny model k=8 is within noise of k=0, k=64 costs up to a quarter of
 the actor's tokens/s); beyond a few hundred candidates the top-k KL's tail bucket holds
 little mass."""
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(ValueError):
@@ -302,6 +306,11 @@ class TeacherConfig:
     http_max_retries: int = 3
     """backend="vllm_http": resends of a request after a connection error, a timeout
     or a 5xx/429 answer (backoff 0.5 s, 1 s, 2 s, ...); a 4xx answer is not retried."""
+    api_key_env: str | None = None
+    """backend="vllm_http": the name of an environment variable (on the teacher ranks'
+    nodes) holding the server's API key (``vllm serve --api-key``), sent as
+    ``Authorization: Bearer <key>``. The key itself never enters the config, so it is not
+    written to the run directory. None: no credentials are sent."""
 
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
@@ -321,7 +330,7 @@ class TeacherConfig:
             )
 
     def _check_backend(self) -> None:
-        http_fields = ("url", "served_model", "tokenizer")
+        http_fields = ("url", "served_model", "tokenizer", "api_key_env")
         if self.backend == "hf":
             for name in http_fields:
                 if getattr(self, name) is not None:
@@ -331,6 +340,10 @@ class TeacherConfig:
         if self.url is None:
             _fail("teacher.url", None, "teacher.backend=vllm_http needs the server's address",
                   "start `vllm serve <teacher>` and set teacher.url=http://<host>:<port>/v1")
+        if self.api_key_env is not None and not _ENV_NAME.fullmatch(self.api_key_env):
+            _fail("teacher.api_key_env", self.api_key_env, "is not an environment variable name (it names the "
+                  "variable holding the key, it is not the key)",
+                  "export TEACHER_API_KEY=<key> and set teacher.api_key_env=TEACHER_API_KEY")
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             _fail("teacher.url", self.url, "is not an http(s) URL",
@@ -545,6 +558,10 @@ class RunConfig:
     """Show a live progress bar on the console (learner rank 0)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of every role."""
+    trace: bool = False
+    """Record a timeline of every process (engine steps, weight loads, teacher forwards,
+    batch waits, train steps) into <run dir>/trace.json, for https://ui.perfetto.dev;
+    see asyncopd/trace.py."""
 
     @property
     def run_dir(self) -> Path:

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from asyncopd import trace
 from asyncopd.config import ConfigError, JobConfig, from_dict
 
 if TYPE_CHECKING:
@@ -138,12 +139,10 @@ def check_teacher_server(cfg: JobConfig, student: str) -> None:
     from asyncopd.teacher.http import TeacherServer, TeacherServerError, check_served_tokenizer
 
     teacher = cfg.teacher
-    assert teacher.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
     if teacher.tokenizer is not None:
         check_tokenizers(student, teacher.tokenizer, teacher_field="teacher.tokenizer")
     try:
-        with TeacherServer(teacher.url, timeout_s=teacher.http_timeout_s, max_retries=teacher.http_max_retries,
-                           top_k=teacher.top_k) as server:
+        with TeacherServer.from_config(teacher) as server:
             server.wait_until_up(cfg.cluster.startup_timeout_s)
             model = server.resolve_model(teacher.served_model)
             if model.max_model_len is not None and model.max_model_len < cfg.actor.max_model_len:
@@ -209,6 +208,7 @@ def _run_rank(cfg: JobConfig) -> None:
     cfg.cluster.check_world_size(world_size)
     role, index = cfg.cluster.role_of(rank)
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
+    trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
     install_security(cfg)
     threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
                "teacher": cfg.cluster.teacher_threads}[role]

@@ -3,7 +3,8 @@ unless asked) and the console progress bar. Used by learner rank 0.
 
 Metric keys are namespaced (``learner/…``, ``actor/…``, ``teacher/…``,
 ``buffer/…``, ``timing/…``, ``eval/…``). One JSONL line per call of
-:meth:`MetricsWriter.log`, flushed at once, so a crashed run keeps its history.
+:meth:`MetricsWriter.log` (with its wall-clock ``time``), flushed at once, so a
+crashed run keeps its history.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,21 @@ class MetricsWriter:
 
                 self._wandb = wandb.init(project="asyncopd", name=run_name, dir=str(run_dir), mode=wandb_mode,
                                          config=config, settings=wandb.Settings(silent=True))
+                # Every chart's x axis is the record's own "step" (the policy version), not
+                # wandb's call counter: an evaluation of version k arrives after step k+1 was
+                # logged, and log(step=k) would then be dropped as out of order.
+                self._wandb.define_metric("step")
+                self._wandb.define_metric("*", step_metric="step")
             except Exception as exc:  # metrics must never take the job down
                 logger.warning("wandb is unavailable (%s); metrics go to metrics.jsonl only", exc)
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="asyncopd", unit="step",
                          dynamic_ncols=True) if progress else None
 
     def log(self, metrics: dict[str, Any], *, step: int) -> None:
-        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        record = {"step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if v is not None}, step=step)
+            self._wandb.log({k: v for k, v in record.items() if v is not None})
 
     def advance(self, metrics: dict[str, Any]) -> None:
         if self._bar is None:

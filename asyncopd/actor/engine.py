@@ -427,6 +427,9 @@ def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
             flat_logprobs=True,  # flat lists instead of one dict of Logprob objects per token
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
+            # One fresh object per request, never reused: vLLM may then skip its deep copy,
+            # which was 40% of the cost of adding a request.
+            skip_clone=True,
         )
 
     return make

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from asyncopd import trace
 from asyncopd.config import JobConfig, LossConfig
 from asyncopd.learner.batching import TrainSample, topk_overlap
 from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -174,20 +175,24 @@ class Learner:
     def step(self, previous_stats: dict) -> dict[str, Any]:
         step = self.policy_version
         start = time.perf_counter()
-        batch = self.io.wait_batch(step) if self.index == 0 else None
+        with trace.span("wait_batch", step=step):
+            batch = self.io.wait_batch(step) if self.index == 0 else None
         wait_s = time.perf_counter() - start
         batch = _share_batch(batch, self.index, self.world)
         samples = _train_samples(batch, self.cfg.loss)
         train_start = time.perf_counter()
-        metrics = train_step(self.model, self.optimizer, samples, self.cfg.loss, self.cfg.learner,
-                             rank=self.index, dp_size=self.world, top_k=2 * self.cfg.teacher.top_k)
+        with trace.span("train", step=step):
+            metrics = train_step(self.model, self.optimizer, samples, self.cfg.loss, self.cfg.learner,
+                                 rank=self.index, dp_size=self.world, top_k=2 * self.cfg.teacher.top_k)
         train_s = time.perf_counter() - train_start
         self.policy_version += 1
         self.samples_trained += len(batch)
-        sync_s = self.publish_weights()
+        with trace.span("publish_weights", version=self.policy_version):
+            sync_s = self.publish_weights()
         every = self.cfg.learner.checkpoint_every
         if (every and self.policy_version % every == 0) or self.policy_version == self.cfg.learner.num_steps:
-            self._checkpoint()
+            with trace.span("checkpoint", version=self.policy_version):
+                self._checkpoint()
         if self.index != 0:
             return metrics
         metrics.update(_batch_metrics(batch))
@@ -218,6 +223,8 @@ class Learner:
         summary = self._summary(wall_s=time.perf_counter() - self.created, train_wall_s=time.perf_counter() - started)
         self.io.shutdown(self.policy_version, "training finished")
         self.metrics.close()
+        if self.cfg.run.trace:
+            logger.info("timeline: %s (open in https://ui.perfetto.dev)", trace.merge(self.run_dir))
         return summary
 
     def _summary(self, *, wall_s: float, train_wall_s: float) -> dict[str, Any]:

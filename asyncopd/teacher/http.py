@@ -33,6 +33,7 @@ config files; :func:`check_served_tokenizer` is the launcher's start-up check.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ __all__ = [
     "parse_prompt_logprobs",
     "split_by_request_tokens",
     "check_served_tokenizer",
+    "api_key_from_env",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ class _Tokenized(msgspec.Struct):
     tokens: list[int]
 
 
-def _fix_for(status: int, message: str, top_k: int) -> str:
+def _fix_for(status: int, message: str, top_k: int, key_env: str | None = None) -> str:
     """The remedy for a refused request, from vLLM's error text."""
     lowered = message.lower()
     if "logprobs" in lowered and "max allowed" in lowered:
@@ -118,7 +120,10 @@ def _fix_for(status: int, message: str, top_k: int) -> str:
         return ("check teacher.url (the OpenAI base URL, ending in /v1) and teacher.served_model "
                 "(GET <url>/models lists the served names)")
     if status in (401, 403):
-        return "serve the teacher without --api-key (asyncopd sends no credentials)"
+        if key_env is None:
+            return ("the server wants an API key (vllm serve --api-key): export it in a variable on the teacher "
+                    "nodes and set teacher.api_key_env to that variable's name")
+        return f"the key in ${key_env} (teacher.api_key_env) is not the server's --api-key; export the right one"
     return "check teacher.url and teacher.served_model against the server"
 
 
@@ -126,16 +131,29 @@ class TeacherServer:
     """A small client of one vLLM OpenAI-compatible server, with retries."""
 
     def __init__(self, url: str, *, timeout_s: float = 60.0, max_retries: int = 3, concurrency: int = 4,
-                 top_k: int = 0, transport: httpx.BaseTransport | None = None) -> None:
+                 top_k: int = 0, api_key: str | None = None, api_key_env: str | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
         """``url``: the OpenAI base URL (".../v1"); ``top_k`` only shapes error hints;
-        ``transport``: an httpx transport (tests pass ``httpx.MockTransport``)."""
+        ``api_key``: sent as a bearer token (``api_key_env``, the variable it came from,
+        names it in errors); ``transport``: an httpx transport (tests pass
+        ``httpx.MockTransport``)."""
         self.url = url.rstrip("/")
         self.root = self.url.removesuffix("/v1")
         """Where vLLM's non-OpenAI routes (/tokenize) live."""
         self.max_retries = max_retries
         self.top_k = top_k
+        self.api_key_env = api_key_env if api_key else None
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._client = httpx.Client(timeout=timeout_s, limits=limits, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.Client(timeout=timeout_s, limits=limits, headers=headers, transport=transport)
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, *, transport: httpx.BaseTransport | None = None) -> TeacherServer:
+        """The client of teacher.url, with the teacher.http_* settings and teacher.api_key_env."""
+        assert cfg.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
+        return cls(cfg.url, timeout_s=cfg.http_timeout_s, max_retries=cfg.http_max_retries,
+                   concurrency=cfg.http_concurrency, top_k=cfg.top_k,
+                   api_key=api_key_from_env(cfg.api_key_env), api_key_env=cfg.api_key_env, transport=transport)
 
     def __enter__(self) -> TeacherServer:
         return self
@@ -162,7 +180,7 @@ class TeacherServer:
                     message = _error_message(response)
                     raise TeacherServerRefused(
                         f"{method} {url} was refused ({response.status_code}): {message}. "
-                        f"Fix: {_fix_for(response.status_code, message, self.top_k)}.")
+                        f"Fix: {_fix_for(response.status_code, message, self.top_k, self.api_key_env)}.")
                 problem = f"HTTP {response.status_code}: {_error_message(response)}"
             if attempt < retries:
                 delay = _BACKOFF_S * 2**attempt
@@ -323,6 +341,19 @@ def parse_prompt_logprobs(positions: Sequence[PositionLogprobs], rollout: Rollou
     return TeacherScore(logprobs=sampled, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
 
 
+def api_key_from_env(name: str | None) -> str | None:
+    """The key in the environment variable ``name`` (teacher.api_key_env); None when unset."""
+    if name is None:
+        return None
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise TeacherServerError(
+            f"teacher.api_key_env={name!r}, but ${name} is {'empty' if name in os.environ else 'not set'} on this "
+            f"node. Fix: export {name}=<the server's --api-key> before launching (on every node running a teacher "
+            "rank), or drop teacher.api_key_env if the server needs no key.")
+    return key
+
+
 class HttpScorer:
     """A :class:`~asyncopd.teacher.scorer.Scorer` backed by a remote vLLM server."""
 
@@ -339,9 +370,7 @@ class HttpScorer:
     @classmethod
     def from_config(cls, cfg: TeacherConfig, *, startup_timeout_s: float) -> HttpScorer:
         """Connect to teacher.url, waiting up to ``startup_timeout_s`` for it to come up."""
-        assert cfg.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
-        server = TeacherServer(cfg.url, timeout_s=cfg.http_timeout_s, max_retries=cfg.http_max_retries,
-                               concurrency=cfg.http_concurrency, top_k=cfg.top_k)
+        server = TeacherServer.from_config(cfg)
         server.wait_until_up(startup_timeout_s)
         model = server.resolve_model(cfg.served_model).id
         logger.info("scoring with %r at %s (%d requests in flight)", model, server.url, cfg.http_concurrency)

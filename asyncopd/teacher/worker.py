@@ -21,6 +21,7 @@ import time
 
 import zmq
 
+from asyncopd import trace
 from asyncopd.config import JobConfig
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
@@ -87,7 +88,8 @@ class TeacherWorker:
         for group in split_by_token_budget([r for _, r in pending], self.max_batch_tokens):
             start = time.perf_counter()
             try:
-                scores = self.scorer.score(group)
+                with trace.span("score", rollouts=len(group)):
+                    scores = self.scorer.score(group)
             except Exception as exc:  # a bad batch must not take the pool down
                 logger.exception("teacher %d: scoring %d rollouts failed", self.index, len(group))
                 self.num_failed += len(group)

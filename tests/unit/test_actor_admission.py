@@ -60,9 +60,11 @@ class FakeWeightGroup:
         tensor.zero_()
 
 
-def make_loop(eta: int, schedule: str):
+def make_loop(eta: int, schedule: str, *, batch_size: int = 4, num_steps: int = 6, samples_per_prompt: int = 2,
+              max_num_seqs: int = 64):
     cfg = from_dict({"async": {"max_staleness": eta, "schedule": schedule}, "eval": {"enabled": False},
-                     "learner": {"batch_size": 4, "num_steps": 6}, "actor": {"samples_per_prompt": 2}})
+                     "learner": {"batch_size": batch_size, "num_steps": num_steps},
+                     "actor": {"samples_per_prompt": samples_per_prompt, "max_num_seqs": max_num_seqs}})
     inbox = Channel(zmq.PULL, bind_host="127.0.0.1")
     teacher = Channel(zmq.ROUTER, bind_host="127.0.0.1")
     learner = Channel(zmq.PULL, bind_host="127.0.0.1")
@@ -159,3 +161,27 @@ def test_shutdown_ends_the_loop() -> None:
     deadline = time.monotonic() + 2
     while loop.run_once(0.01):
         assert time.monotonic() < deadline
+
+
+@pytest.mark.parametrize("samples_per_prompt", [2, 8])
+def test_admission_keeps_the_engine_queue_within_twice_max_num_seqs(samples_per_prompt: int) -> None:
+    """Groups enter the engine a few at a time (a whole batch at once stalled it after
+    each weight load); a group larger than the window still enters whole, alone."""
+    loop, engine, control, teacher = make_loop(1, "bounded", batch_size=16, num_steps=3,
+                                               samples_per_prompt=samples_per_prompt, max_num_seqs=2)
+    engine.finish_all = False
+    push_weights(loop, control, 0)
+    loop.run_once(0.01)
+    assert engine.num_unfinished == max(4, samples_per_prompt)
+    engine.finish_all = True
+    rollouts: list[Rollout] = []
+    for version in range(3):
+        push_weights(loop, control, version)
+        for _ in range(40):
+            assert engine.num_unfinished <= max(4, samples_per_prompt)
+            loop.run_once(0.01)
+        rollouts += drain_rollouts(teacher)
+    assert sorted(r.batch_index for r in rollouts) == [k for k in range(3) for _ in range(16)]
+    assert all(r.batch_index - r.policy_version <= 1 for r in rollouts)
+    groups = {r.group_id for r in rollouts}
+    assert all(sum(r.group_id == g for r in rollouts) == samples_per_prompt for g in groups)

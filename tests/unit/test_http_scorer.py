@@ -343,3 +343,49 @@ def test_a_local_teacher_path_with_a_remote_teacher_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"model.teacher.path='/models/teacher': unused with "
                                           r"teacher.backend=vllm_http.*Fix: remove model.teacher.path"):
         resolve_model_paths(cfg)
+
+
+def test_the_api_key_comes_from_the_named_variable_and_is_sent_as_a_bearer_token(monkeypatch) -> None:
+    seen: list[str | None] = []
+    fake = FakeVllm()
+
+    def guarded(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return httpx.Response(401, json={"error": "Unauthorized"})
+        return fake(request)
+
+    cfg = TeacherConfig(backend="vllm_http", url=URL, api_key_env="TEACHER_KEY")
+    monkeypatch.setenv("TEACHER_KEY", "s3cret")
+    server = TeacherServer.from_config(cfg, transport=httpx.MockTransport(guarded))
+    scores = HttpScorer(server, model="teacher").score(random_rollouts(2))
+    assert len(scores) == 2 and seen and set(seen) == {"Bearer s3cret"}
+
+    monkeypatch.setenv("TEACHER_KEY", "wrong")
+    wrong = TeacherServer.from_config(cfg, transport=httpx.MockTransport(guarded))
+    with pytest.raises(TeacherServerRefused, match=r"refused \(401\).*Fix: the key in \$TEACHER_KEY "
+                                                   r"\(teacher.api_key_env\) is not the server's --api-key"):
+        wrong.models()
+    without = server_for(guarded)
+    with pytest.raises(TeacherServerRefused, match=r"refused \(401\).*Fix: the server wants an API key.*set "
+                                                   r"teacher.api_key_env"):
+        without.models()
+
+
+@pytest.mark.parametrize("value", [None, "  "])
+def test_a_missing_api_key_variable_is_a_startup_error(monkeypatch, value) -> None:
+    if value is None:
+        monkeypatch.delenv("TEACHER_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TEACHER_KEY", value)
+    cfg = TeacherConfig(backend="vllm_http", url=URL, api_key_env="TEACHER_KEY")
+    with pytest.raises(TeacherServerError, match=r"teacher.api_key_env='TEACHER_KEY', but \$TEACHER_KEY is "
+                                                 r"(not set|empty).*Fix: export TEACHER_KEY="):
+        TeacherServer.from_config(cfg)
+
+
+def test_the_api_key_variable_is_validated() -> None:
+    with pytest.raises(ConfigError, match=r"teacher.api_key_env='sk-abc123': is not an environment variable name"):
+        TeacherConfig(backend="vllm_http", url=URL, api_key_env="sk-abc123")
+    with pytest.raises(ConfigError, match=r"teacher.api_key_env='K': is used only by teacher.backend=vllm_http"):
+        TeacherConfig(api_key_env="K")
