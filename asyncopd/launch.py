@@ -2,6 +2,7 @@
 
 ::
 
+    python -m asyncopd.launch -m k=a,b   a sweep: one such job per combination (asyncopd.sweep)
     python -m asyncopd.launch ...        compose + validate + build demo models, then
         └─ torchrun --nproc-per-node=L+A+T -m asyncopd.launch ...
               rank [0, L)        learner  (FSDP2 group; rank 0: buffer, metrics, weights out)
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from asyncopd import trace
 from asyncopd.config import ConfigError, JobConfig, from_dict
+from asyncopd.sweep import MULTIRUN_FLAGS, run_sweep
 
 if TYPE_CHECKING:
     from asyncopd.transport.security import CurveSecurity
@@ -55,7 +57,7 @@ def _split_args(argv: list[str]) -> tuple[str, Path, list[str]]:
             config_dir = Path(arg.split("=", 1)[1] if "=" in arg else next(args)).resolve()
         elif arg.startswith("-"):
             raise ConfigError(f"unknown option {arg!r}. Fix: pass hydra overrides as key=value, "
-                              "plus optionally --config-name NAME / --config-dir DIR.")
+                              "plus optionally --config-name NAME / --config-dir DIR and -m (a sweep).")
         else:
             overrides.append(arg)
     return name, config_dir, overrides
@@ -255,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
     _setup_logging("INFO", "[launch]")
     try:
+        if any(arg in MULTIRUN_FLAGS for arg in argv):
+            if under_torchrun:
+                raise ConfigError("-m/--multirun under torchrun. Fix: start sweeps with `python -m asyncopd.launch "
+                                  "-m key=a,b ...`, which runs one torchrun world per job.")
+            name, config_dir, overrides = _split_args([a for a in argv if a not in MULTIRUN_FLAGS])
+            return run_sweep([f"--config-name={name}", f"--config-dir={config_dir}"], overrides,
+                             compose=compose_config, spawn=_spawn_torchrun)
         cfg = compose_config(argv)
         if not under_torchrun:
             return _spawn_torchrun(cfg, argv)

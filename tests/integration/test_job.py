@@ -143,3 +143,17 @@ def test_mismatched_tokenizers_are_a_startup_error(tmp_path, models) -> None:
     result = run_job(tmp_path / "mismatch", (models[0], str(other)), timeout=120)
     assert result.returncode == 2
     assert "tokenizers differ" in result.stderr
+
+
+def test_a_staleness_sweep_runs_one_job_per_value_and_compares_them(tmp_path, models) -> None:
+    base = tmp_path / "sweep"
+    result = run_job(base, models, "-m", "async.max_staleness=0,1", "learner.num_steps=3", "eval.enabled=false")
+    assert result.returncode == 0
+    jobs = json.loads((base / "sweep.json").read_text())
+    assert [j["job"] for j in jobs] == ["async.max_staleness=0", "async.max_staleness=1"]
+    for eta, job in enumerate(jobs):
+        assert job["returncode"] == 0 and Path(job["run_dir"]) == base / f"async.max_staleness={eta}"
+        assert job["summary"]["async/max_staleness"] == eta and job["summary"]["buffer/staleness_max"] <= eta
+        assert job["summary"]["policy_version"] == 3
+    table = [line for line in result.stderr.splitlines() if "asyncopd.sweep" in line]
+    assert any("async.max_staleness=1" in line and "(<= 1)" in line for line in table)

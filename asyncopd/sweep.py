@@ -1,0 +1,137 @@
+"""Sweeps: ``python -m asyncopd.launch -m async.max_staleness=0,1,2 ...``.
+
+Hydra's multirun syntax (``key=a,b,c``, ``key=range(0,3)``, ``key=choice(a,b)``)
+expands, as hydra's basic sweeper does, into the cartesian product of the swept
+values; the jobs run one after another, each a whole torchrun world of its own.
+Every combination is composed and validated before the first job starts, so an
+impossible cell of the grid fails at once, naming itself.
+
+Each job writes to ``<base>/<swept key=value,...>/`` where ``<base>`` is
+``run.dir`` (or ``runs/<run.name>``); at the end ``<base>/sweep.json`` holds every
+job's overrides, exit code and ``summary.json``, and a table compares them (wall
+time, seconds per step, accuracy and reverse KL before/after, observed staleness,
+dropped samples). A job that fails is reported and the sweep goes on; the sweep
+then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from asyncopd.config import ConfigError, JobConfig
+
+__all__ = ["MULTIRUN_FLAGS", "expand", "plan", "run_sweep"]
+
+logger = logging.getLogger("asyncopd.sweep")
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def expand(overrides: list[str]) -> tuple[list[list[str]], list[str]]:
+    """(every combination of ``overrides``, as lists of key=value; the swept keys)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(f"{exc}. Fix: write sweeps as key=a,b,c or key=range(start,stop[,step]).") from None
+    choices: list[list[str]] = []
+    swept: list[str] = []
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices.append([f"{key}={override.get_value_element_as_str()}"])
+            continue
+        if not override.is_discrete_sweep():
+            raise ConfigError(f"{override.input_line!r}: an interval sweep has no finite list of values. "
+                              "Fix: list the values (key=a,b,c) or use range(start,stop,step).")
+        if key.lstrip("+~").startswith("run."):
+            raise ConfigError(f"{override.input_line!r}: run.* settings name where a sweep writes and cannot be "
+                              "swept. Fix: sweep job settings only; set run.name or run.dir once for the sweep.")
+        swept.append(key)
+        choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    return [list(combo) for combo in itertools.product(*choices)], swept
+
+
+def _tag(combo: list[str], swept: list[str]) -> str:
+    parts = [item for item in combo if item.split("=", 1)[0] in swept]
+    return ",".join(parts).replace("/", "_") or "job"
+
+
+def _quoted(value: str) -> str:
+    """``value`` as one hydra override value (a tag holds '=' and ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan(options: list[str], overrides: list[str],
+         compose: Callable[[list[str]], JobConfig]) -> tuple[Path, list[tuple[str, list[str], JobConfig]]]:
+    """The sweep's base directory and its jobs: (tag, argv, validated config) each."""
+    combos, swept = expand(overrides)
+    if not swept:
+        raise ConfigError("-m/--multirun without a swept value. Fix: give at least one key=a,b,... "
+                          "(or drop -m to run a single job).")
+    first = compose([*options, *combos[0]]).run  # run.* is never swept: the same for every job
+    base, name = first.run_dir, first.name
+    jobs = []
+    for combo in combos:
+        tag = _tag(combo, swept)
+        argv = [*options, *[c for c in combo if not c.startswith(("run.dir=", "run.name="))]]
+        argv += [f"run.dir={_quoted(str(base / tag))}", f"run.name={_quoted(f'{name}-{tag}')}"]
+        try:
+            cfg = compose(argv)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep job {tag}: {exc}") from None
+        jobs.append((tag, argv, cfg))
+    return base, jobs
+
+
+def run_sweep(options: list[str], overrides: list[str], *, compose: Callable[[list[str]], JobConfig],
+              spawn: Callable[[JobConfig, list[str]], int]) -> int:
+    """Run every job of the sweep in turn; 0 when all succeeded."""
+    base, jobs = plan(options, overrides, compose)
+    logger.info("sweep of %d jobs under %s: %s", len(jobs), base, ", ".join(tag for tag, _, _ in jobs))
+    results: list[dict[str, Any]] = []
+    for i, (tag, argv, cfg) in enumerate(jobs, 1):
+        logger.info("sweep job %d/%d: %s", i, len(jobs), tag)
+        code = spawn(cfg, argv)
+        summary_path = cfg.run.run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if code == 0 and summary_path.is_file() else None
+        results.append({"job": tag, "overrides": argv, "run_dir": str(cfg.run.run_dir), "returncode": code,
+                        "summary": summary})
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "sweep.json").write_text(json.dumps(results, indent=2))  # after every job: a crash keeps the rest
+    for line in table(results):
+        logger.info("%s", line)
+    failed = [r["job"] for r in results if r["returncode"] != 0]
+    if failed:
+        logger.error("%d of %d sweep jobs failed: %s (logs above; their run directories hold what they wrote)",
+                     len(failed), len(results), ", ".join(failed))
+    return 1 if failed else 0
+
+
+def table(results: list[dict[str, Any]]) -> list[str]:
+    """The sweep's jobs side by side."""
+    header = ("job", "exit", "wall s", "s/step", "accuracy", "reverse KL", "staleness", "dropped")
+    rows = [header]
+    for r in results:
+        s = r["summary"] or {}
+        steps = (s.get("policy_version") or 0) - (s.get("start_policy_version") or 0)
+        rows.append((
+            r["job"], str(r["returncode"]), _num(s.get("wall_s"), ".0f"),
+            _num(s["train_wall_s"] / steps if steps and s.get("train_wall_s") else None, ".3f"),
+            f"{_num(s.get('eval/accuracy_before'), '.3f')} -> {_num(s.get('eval/accuracy_after'), '.3f')}",
+            f"{_num(s.get('eval/rkl_before'), '.3f')} -> {_num(s.get('eval/rkl_after'), '.3f')}",
+            f"{s.get('buffer/staleness_max', '-')} (<= {s.get('async/max_staleness', '-')})",
+            str(s.get("samples_dropped_stale", "-")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _num(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
