@@ -142,6 +142,8 @@ class ActorLoop:
                     self._submit(request)
 
     def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
+        if not prompts:  # e.g. more actors than held-out prompts
+            return []
         return [list(ids) for ids in self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
 
     def _submit(self, request: _Request) -> None:
