@@ -97,12 +97,16 @@ def _read(path: Path) -> list[dict[str, Any]]:
         return events
 
 
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    """Every event of every process file under ``run_dir/trace``."""
+    return [event for part in sorted((Path(run_dir) / "trace").glob("*.json")) for event in _read(part)]
+
+
 def merge(run_dir: Path) -> Path | None:
     """Merge ``run_dir/trace/*.json`` into ``run_dir/trace.json``; None when there is no trace."""
-    parts = sorted((Path(run_dir) / "trace").glob("*.json"))
-    if not parts:
+    events = _events(run_dir)
+    if not events:
         return None
-    events = [event for part in parts for event in _read(part)]
     out = Path(run_dir) / "trace.json"
     out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
     return out
@@ -112,7 +116,11 @@ def span_seconds(run_dir: Path, start: float | None = None, end: float | None = 
     """Seconds spent in each span name, per process ("learner 0", "actor 0", ...),
     counting only what falls within [start, end] (wall-clock seconds, as
     ``time.time()``; None: from the first span / to the last)."""
-    events = [e for part in sorted((Path(run_dir) / "trace").glob("*.json")) for e in _read(part)]
+    return _span_seconds(_events(run_dir), start, end)
+
+
+def _span_seconds(events: list[dict[str, Any]], start: float | None,
+                  end: float | None) -> dict[str, dict[str, float]]:
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
     spans = [e for e in events if e.get("ph") == "X"]
     lo = start * 1e6 if start is not None else min((e["ts"] for e in spans), default=0.0)
@@ -127,13 +135,14 @@ def span_seconds(run_dir: Path, start: float | None = None, end: float | None = 
 
 def busy_fractions(run_dir: Path, *, skip_s: float = 0.0) -> dict[str, dict[str, float]]:
     """:func:`span_seconds` as fractions of the traced window, leaving out its first ``skip_s``."""
-    spans = [e for part in sorted((Path(run_dir) / "trace").glob("*.json")) for e in _read(part) if e.get("ph") == "X"]
+    events = _events(run_dir)
+    spans = [e for e in events if e.get("ph") == "X"]
     if not spans:
         return {}
     start = min(e["ts"] for e in spans) / 1e6 + skip_s
     end = max(e["ts"] + e["dur"] for e in spans) / 1e6
     return {row: {name: s / (end - start) for name, s in parts.items()}
-            for row, parts in span_seconds(run_dir, start, end).items()}
+            for row, parts in _span_seconds(events, start, end).items()}
 
 
 def main() -> None:
