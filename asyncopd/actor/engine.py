@@ -8,7 +8,9 @@ back with its behaviour log-prob (the log-prob under the distribution actually
 sampled: temperature and top-p applied, vLLM's ``processed_logprobs``) and the
 ``policy_version`` of the step that produced it. With ``top_k > 0`` (teacher.top_k)
 sampled requests also return the k most likely ids of that distribution at every
-position (vLLM ``logprobs=k``), for top-k distillation.
+position (vLLM ``logprobs=k``), for top-k distillation. :meth:`VllmEngine.add_scoring`
+scores a given response instead of sampling one (teacher-forced, vLLM
+``prompt_logprobs``): the evaluation's NLL of the teacher's own samples.
 
 Weights are loaded in place through the worker's ``reload_weights`` (vLLM's
 layerwise reload, the one path that works on the CPU build as well as on CUDA), after
@@ -109,6 +111,24 @@ class _Pending:
     logprobs: list[float] = field(default_factory=list)
     policy_versions: list[int] = field(default_factory=list)
     topk_ids: list[list[int]] = field(default_factory=list)
+    scored: tuple[int, list[int]] | None = None
+    """Scoring requests: (prompt length, prompt + response ids)."""
+    prompt_logprobs: list[float] = field(default_factory=list)
+    """Scoring requests: the log-prob of prompt+response token p (p >= 1), at index p - 1."""
+
+    def take_prompt_logprobs(self, flat: Any, request_id: str) -> None:
+        """Record vLLM's ``FlatLogprobs`` of the prompt positions (the first one is empty)."""
+        assert self.scored is not None
+        all_ids = self.scored[1]
+        for position in range(len(flat)):
+            start, end = flat.start_indices[position], flat.end_indices[position]
+            if start == end:
+                continue
+            index = len(self.prompt_logprobs) + 1
+            if flat.token_ids[start] != all_ids[index]:
+                raise RuntimeError(f"vLLM's prompt log-probs for {request_id!r} name token {flat.token_ids[start]} "
+                                   f"at position {index}, where the scored sequence holds {all_ids[index]}.")
+            self.prompt_logprobs.append(flat.logprobs[start])
 
     def extend(self, new_ids: Sequence[int], flat: Any, request_id: str) -> None:
         """Record one step's tokens from vLLM's ``FlatLogprobs`` of those positions.
@@ -131,6 +151,17 @@ class _Pending:
         self.token_ids.extend(new_ids)
 
     def complete(self, request_id: str, finish_reason: str) -> Completion:
+        if self.scored is not None:
+            prompt_len, all_ids = self.scored
+            response = all_ids[prompt_len:]
+            if len(self.prompt_logprobs) != prompt_len + len(response) - 1:
+                raise RuntimeError(f"scoring request {request_id!r} finished with {len(self.prompt_logprobs)} "
+                                   f"prompt log-probs, expected {prompt_len + len(response) - 1}.")
+            version = self.policy_versions[0] if self.policy_versions else 0
+            return Completion(
+                request_id=request_id, token_ids=np.asarray(response, dtype=np.int32),
+                logprobs=np.asarray(self.prompt_logprobs[prompt_len - 1:], dtype=np.float32),
+                token_policy_versions=np.full(len(response), version, dtype=np.int32), finish_reason="scored")
         return Completion(
             request_id=request_id,
             token_ids=np.asarray(self.token_ids, dtype=np.int32),
@@ -189,12 +220,7 @@ class VllmEngine:
         ``temperature`` overrides ``actor.temperature`` for this request (evaluation samples
         at 1.0, so their log-probs are the student's own distribution).
         """
-        if request_id in self._pending or request_id == _WARMUP_REQUEST_ID:
-            raise ValueError(f"request_id {request_id!r} is already in flight (or reserved). "
-                             "Fix: use a unique id per request.")
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError(f"request {request_id!r} has an empty prompt. Fix: give at least one token.")
+        prompt = self._checked_ids(request_id, prompt_ids)
         if len(prompt) > self.max_prompt_tokens:
             raise ValueError(
                 f"request {request_id!r}: prompt of {len(prompt)} tokens exceeds the limit of "
@@ -202,15 +228,44 @@ class VllmEngine:
                 f"actor.max_new_tokens={self._cfg.max_new_tokens}). Fix: raise actor.max_model_len "
                 "or lower actor.max_new_tokens, or shorten the prompt; prompts are never truncated."
             )
+        params = self._sampling_params(greedy=greedy, seed=seed, temperature=temperature)
+        self._queue(request_id, prompt, params, _Pending(top_k=params.logprobs))
+
+    def add_scoring(self, request_id: str, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> None:
+        """Queue a teacher-forced scoring of ``response_ids`` after ``prompt_ids`` (vLLM
+        ``prompt_logprobs``; the one token generated is thrown away). Its :class:`Completion`
+        holds ``response_ids`` as ``token_ids``, the model's log-prob of each (raw logits,
+        temperature 1) as ``logprobs``, and finish_reason "scored". prompt + response must
+        hold at most actor.max_model_len - 1 tokens.
+        """
+        prompt = self._checked_ids(request_id, prompt_ids)
+        response = [int(t) for t in response_ids]
+        if not response or len(prompt) + len(response) > self._cfg.max_model_len - 1:
+            raise ValueError(f"scoring request {request_id!r}: {len(prompt)} prompt + {len(response)} response "
+                             f"tokens; the response must be non-empty and both together at most "
+                             f"actor.max_model_len - 1 = {self._cfg.max_model_len - 1}. Fix: truncate the response.")
+        full = self._checked_ids(request_id, prompt + response)
+        params = self._sampling_params(greedy=True, seed=None, max_tokens=1, prompt_logprobs=0)
+        self._queue(request_id, full, params, _Pending(top_k=0, scored=(len(prompt), full)))
+
+    def _checked_ids(self, request_id: str, prompt_ids: Sequence[int]) -> list[int]:
+        if request_id in self._pending or request_id == _WARMUP_REQUEST_ID:
+            raise ValueError(f"request_id {request_id!r} is already in flight (or reserved). "
+                             "Fix: use a unique id per request.")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError(f"request {request_id!r} has an empty prompt. Fix: give at least one token.")
         bad = [t for t in prompt if not 0 <= t < self._vocab_size]
         if bad:
             raise ValueError(f"request {request_id!r}: token ids {bad[:5]} are outside the vocabulary "
                              f"[0, {self._vocab_size}). Fix: tokenize with the student's tokenizer.")
+        return prompt
+
+    def _queue(self, request_id: str, prompt: list[int], params: Any, pending: _Pending) -> None:
         from vllm.inputs import TokensPrompt
 
-        params = self._sampling_params(greedy=greedy, seed=seed, temperature=temperature)
         self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
-        self._pending[request_id] = _Pending(top_k=params.logprobs)
+        self._pending[request_id] = pending
 
     def step(self, policy_version: int) -> list[Completion]:
         """Run one engine step; its tokens are tagged with ``policy_version``.
@@ -229,6 +284,8 @@ class VllmEngine:
             if sample.logprobs is None or len(sample.logprobs) != len(new_ids):
                 raise RuntimeError(f"vLLM returned {len(new_ids)} tokens for {output.request_id!r} without "
                                    "one log-prob each; SamplingParams(logprobs=0) was not honoured.")
+            if pending.scored is not None and output.prompt_logprobs:
+                pending.take_prompt_logprobs(output.prompt_logprobs, output.request_id)
             pending.extend(new_ids, sample.logprobs, output.request_id)
             pending.policy_versions.extend([policy_version] * len(new_ids))
             if output.finished:
@@ -415,7 +472,7 @@ def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
     from vllm.sampling_params import RequestOutputKind
 
     def make(*, greedy: bool, seed: int | None, max_tokens: int | None = None,
-             temperature: float | None = None) -> SamplingParams:
+             temperature: float | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             temperature=0.0 if greedy else (cfg.temperature if temperature is None else temperature),
             top_p=1.0 if greedy else cfg.top_p,
@@ -424,6 +481,7 @@ def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
             # The sampled token's log-prob, plus the top-k for distillation (greedy
             # samples are only scored for accuracy).
             logprobs=0 if greedy else top_k,
+            prompt_logprobs=prompt_logprobs,  # scoring requests: the log-prob of every prompt token
             flat_logprobs=True,  # flat lists instead of one dict of Logprob objects per token
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens

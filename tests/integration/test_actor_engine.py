@@ -145,6 +145,31 @@ def test_behaviour_logprobs_match_hf_forward(state: EngineState) -> None:
         np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_scoring_returns_the_temperature_1_logprobs_of_a_given_response(state: EngineState) -> None:
+    """Teacher-forced scoring (the eval's NLL of teacher samples): raw log-probs, beside sampled
+    requests, with a sequence that fills the model length minus the one throwaway token."""
+    engine, cfg = state.engine, state.cfg
+    rng = np.random.default_rng(7)
+    cases = [(prompts(1, length=6, seed=20)[0], rng.integers(3, 98, size=MAX_NEW_TOKENS).tolist()),
+             (prompts(1, length=30, seed=21)[0], rng.integers(3, 98, size=cfg.max_model_len - 31).tolist())]
+    for i, (prompt, response) in enumerate(cases):
+        engine.add_scoring(f"score-{i}", prompt, response)
+        engine.add(f"beside-{i}", prompt, seed=i)
+    done = run_to_completion(engine, policy_version=2)
+    for i, (prompt, response) in enumerate(cases):
+        completion = done[f"score-{i}"]
+        assert completion.finish_reason == "scored"
+        assert completion.token_ids.tolist() == response
+        assert completion.token_policy_versions.tolist() == [2] * len(response)
+        logits = state.reference(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        np.testing.assert_allclose(completion.logprobs, expected.numpy(), atol=1e-4, rtol=0)
+        assert done[f"beside-{i}"].finish_reason in ("stop", "length")
+    with pytest.raises(ValueError, match="actor.max_model_len - 1"):
+        engine.add_scoring("too-long", cases[1][0], cases[1][1] + [5])
+
+
 def test_behaviour_topk_ids_match_hf_forward(state: EngineState) -> None:
     engine = state.engine
     batch = prompts(8, seed=11)
