@@ -529,7 +529,8 @@ class LearnerConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
-    """Held-out evaluation: greedy accuracy and sampled reverse KL to the teacher."""
+    """Held-out evaluation: greedy accuracy, sampled reverse KL to the teacher, the NLL of
+    the teacher's own samples, diversity and the collapse verdict (asyncopd/quality.py)."""
 
     every_steps: int | None = None
     """Also evaluate every N steps; None: only before and after training."""
@@ -538,9 +539,19 @@ class EvalConfig:
     rkl_samples: int = 4
     """Temperature-1 samples per held-out prompt behind eval/rkl, the Monte-Carlo
     estimate of the per-token reverse KL to the teacher (more = less noise)."""
+    teacher_samples: bool = True
+    """Teacher rank 0 samples one reference answer per held-out prompt at start-up
+    (T=1, seeded by actor.seed, up to actor.max_new_tokens); every evaluation then
+    reports the student's NLL of them (eval/teacher_sample_nll) and compares the
+    student's diversity with the teacher's. False: skip those measures (the collapse
+    verdict then compares the student with its own start)."""
+    logged_samples: int = 4
+    """Held-out prompts whose student sample and teacher reference are appended, as
+    text, to <run dir>/samples.jsonl (and a wandb table) at every evaluation; 0: none."""
 
     def __post_init__(self) -> None:
         _check_positive("eval", self, "every_steps", "rkl_samples")
+        _check_positive("eval", self, "logged_samples", allow_zero=True)
 
 
 @dataclass(kw_only=True, slots=True)

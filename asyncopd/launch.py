@@ -249,7 +249,7 @@ def _run_rank(cfg: JobConfig) -> None:
     else:
         from asyncopd.teacher.worker import run_teacher
 
-        run_teacher(cfg, index, rendezvous, teacher)
+        run_teacher(cfg, index, rendezvous, teacher, student_path=student)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,10 @@
 """The only place that writes metrics: JSONL in the run directory, wandb (offline
 unless asked) and the console progress bar. Used by learner rank 0.
 
+Besides ``metrics.jsonl``, every evaluation's readable prompt/completion pairs go
+to ``samples.jsonl`` (one line per pair, with its ``step``) and to a wandb table
+(``eval/samples``).
+
 Metric keys are namespaced (``learner/…``, ``actor/…``, ``teacher/…``,
 ``buffer/…``, ``timing/…``, ``eval/…``). One JSONL line per call of
 :meth:`MetricsWriter.log` (with its wall-clock ``time``), flushed at once, so a
@@ -36,6 +40,7 @@ class MetricsWriter:
                  wandb_mode: str, progress: bool, run_name: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._samples_path = run_dir / "samples.jsonl"
         self._wandb = None
         if wandb_mode != "disabled":
             try:
@@ -58,6 +63,22 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None})
+
+    def log_samples(self, rows: list[dict[str, Any]], *, step: int) -> None:
+        """Append readable samples (same keys in every row) to samples.jsonl and log them as
+        a wandb table. The file exists after the first call, even with no rows."""
+        with self._samples_path.open("a") as file:
+            for row in rows:
+                file.write(json.dumps({"step": step, **row}) + "\n")
+        if self._wandb is not None and rows:
+            try:
+                import wandb
+
+                columns = ["step", *rows[0]]
+                table = wandb.Table(columns=columns, data=[[step, *row.values()] for row in rows])
+                self._wandb.log({"eval/samples": table, "step": step})
+            except Exception as exc:  # metrics must never take the job down
+                logger.warning("wandb: could not log the eval samples table (%s)", exc)
 
     def advance(self, metrics: dict[str, Any]) -> None:
         if self._bar is None:

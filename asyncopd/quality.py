@@ -69,11 +69,12 @@ class CollapseRule:
     its latest; keys are the eval/* metrics. Any one condition makes a collapse:
 
     1. **diversity**: the student's distinct-2 at ``end`` is below ``distinct_ratio`` x
-       the teacher's (its own at ``start`` when there are no teacher samples), and
+       the teacher's (its own at ``start`` when the teacher's is unknown: no teacher
+       samples, or none long enough), and
        below its own at ``start`` (it fell during the run; a student that starts
        degenerate and improves is not collapsing);
     2. **repetition**: the student's repetition rate at ``end`` exceeds the teacher's
-       (its own at ``start`` without teacher samples) by more than
+       (its own at ``start`` when the teacher's is unknown) by more than
        ``repetition_margin``, and its own at ``start``;
     3. **divergence**: the student's NLL of the teacher's samples rose by more than
        ``nll_rise`` (relative) from ``start`` while eval/rkl fell: the training signal

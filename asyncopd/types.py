@@ -33,10 +33,12 @@ __all__ = [
     "WeightUpdate",
     "ActorStats",
     "Shutdown",
+    "TeacherReference",
+    "TeacherReferences",
     "Message",
 ]
 
-RolloutKind = Literal["train", "eval_greedy", "eval_sample"]
+RolloutKind = Literal["train", "eval_greedy", "eval_sample", "eval_reference"]
 
 
 def _check_array(name: str, array: np.ndarray, dtype: type, length: int | None, ndim: int = 1) -> None:
@@ -86,7 +88,9 @@ class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """Unique per job: "<actor index>-<sequence number>"."""
     kind: RolloutKind
     """"train" feeds the learner; "eval_*" are held-out samples (greedy for accuracy,
-    sampled for reverse KL)."""
+    sampled for reverse KL). "eval_reference" is the teacher's own sample of a held-out
+    prompt, not sampled but scored by the student (``behaviour_logprobs``: the student's
+    teacher-forced log-probs, at T=1) for the NLL of teacher samples."""
     batch_index: int
     """Train: the learner step this sample is generated for. Eval: the policy_version
     under evaluation."""
@@ -212,6 +216,35 @@ class ActorStats(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     num_rejected_messages: int
 
 
+class TeacherReference(msgspec.Struct, kw_only=True, frozen=True):
+    """The teacher's own sample (T=1) for one held-out prompt."""
+
+    prompt_index: int
+    """Position of the prompt in the task's held-out list (Task.eval_prompts())."""
+    prompt_ids: np.ndarray
+    """int32 [prompt_len]: the prompt as the actors tokenize it."""
+    response_ids: np.ndarray
+    """int32 [response_len]: the teacher's tokens, its final EOS included when finish_reason is "stop"."""
+    finish_reason: str
+    """"stop" (EOS sampled) or "length" (actor.max_new_tokens reached)."""
+
+    def __post_init__(self) -> None:
+        _check_array("prompt_ids", self.prompt_ids, np.int32, None)
+        _check_array("response_ids", self.response_ids, np.int32, None)
+
+
+class TeacherReferences(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """Teacher rank 0 -> actors and learner rank 0, once per job through the rendezvous
+    store (key ``eval/teacher_references``): one teacher sample per held-out prompt,
+    generated at start-up with a fixed seed. ``references`` is empty, and
+    ``skipped_reason`` says why, when the teacher could not generate them."""
+
+    policy_version: int
+    """Always 0: the references do not depend on the student."""
+    references: list[TeacherReference]
+    skipped_reason: str | None = None
+
+
 class Shutdown(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """Learner -> every role: the job is over (or failed); finish and exit."""
 
@@ -219,4 +252,4 @@ class Shutdown(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     reason: str
 
 
-Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Shutdown]
+Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Shutdown, TeacherReferences]

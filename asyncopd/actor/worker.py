@@ -25,8 +25,9 @@ requests in the engine (enough to refill every slot a step frees): admitting a
 whole batch at once after a weight load stalled the engine for the batch's input
 processing (~0.4 ms a request on CPU) before its first token, and left the
 teacher idle meanwhile. Held-out evaluation requests (greedy for accuracy, T=1
-samples for reverse KL) are admitted whenever the engine reaches an eval
-version; weights are not swapped under them.
+samples for reverse KL, and the teacher's own samples of those prompts, scored
+teacher-forced for the NLL of teacher samples) are admitted whenever the engine
+reaches an eval version; weights are not swapped under them.
 
 This module owns no model math and never imports another role.
 """
@@ -47,7 +48,9 @@ from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
-from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, WeightUpdate
+from asyncopd.transport import codec
+from asyncopd.transport.discovery import TEACHER_REFERENCES_KEY
+from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, TeacherReference, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
 
@@ -73,6 +76,8 @@ class _Request:
     prompt_ids: list[int]
     group_id: int
     batch_index: int
+    reference: TeacherReference | None = None
+    """eval_reference: the teacher sample to score."""
 
 
 @dataclass(slots=True)
@@ -87,9 +92,12 @@ class ActorLoop:
     """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
     def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
-                 inbox: Channel, dealer: Channel, stats_out: Channel) -> None:
+                 inbox: Channel, dealer: Channel, stats_out: Channel,
+                 references: list[TeacherReference] | None = None) -> None:
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
         self.weight_group, self.inbox, self.dealer, self.stats_out = weight_group, inbox, dealer, stats_out
+        self.references = {r.prompt_index: r for r in references or []}
+        """The teacher's samples of the held-out prompts, by prompt index."""
         actor = cfg.actor
         self.group_size = actor.samples_per_prompt
         self.groups_per_step = cfg.learner.batch_size // actor.samples_per_prompt // cfg.cluster.actors
@@ -150,7 +158,10 @@ class ActorLoop:
         request_id = f"{self.index}-{self.seq}"
         sample_seed = (self.cfg.actor.seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
         self.seq += 1
-        if request.kind == "eval_greedy":
+        if request.kind == "eval_reference":
+            assert request.reference is not None
+            self.engine.add_scoring(request_id, request.prompt_ids, request.reference.response_ids)
+        elif request.kind == "eval_greedy":
             self.engine.add(request_id, request.prompt_ids, greedy=True)
         elif request.kind == "eval_sample":
             self.engine.add(request_id, request.prompt_ids, seed=sample_seed, temperature=1.0)
@@ -164,6 +175,10 @@ class ActorLoop:
             self._submit(_Request("eval_greedy", prompt, ids, prompt.index, version))
             for _ in range(self.cfg.eval.rkl_samples):
                 self._submit(_Request("eval_sample", prompt, ids, prompt.index, version))
+            reference = self.references.get(prompt.index)
+            if reference is not None:
+                self._submit(_Request("eval_reference", prompt, reference.prompt_ids.tolist(), prompt.index,
+                                      version, reference=reference))
         self.evaluated.add(version)
         logger.info("actor %d: evaluating policy version %d", self.index, version)
 
@@ -203,7 +218,11 @@ class ActorLoop:
     def _finish(self, completion) -> None:
         request = self.inflight.pop(completion.request_id)
         ids = completion.token_ids
-        self.tokens_generated += int(ids.shape[0])
+        finish_reason = completion.finish_reason
+        if request.reference is not None:  # scored, not generated: the teacher's ending counts
+            finish_reason = request.reference.finish_reason
+        else:
+            self.tokens_generated += int(ids.shape[0])
         text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
         versions = completion.token_policy_versions
         rollout = Rollout(
@@ -212,7 +231,7 @@ class ActorLoop:
             prompt_ids=np.asarray(request.prompt_ids, dtype=np.int32), response_ids=ids,
             behaviour_logprobs=completion.logprobs, token_policy_versions=versions,
             policy_version=int(versions.min()) if versions.size else self.policy_version,
-            reward=float(self.task.reward(request.prompt, text)), finish_reason=completion.finish_reason,
+            reward=float(self.task.reward(request.prompt, text)), finish_reason=finish_reason,
             student_topk_ids=completion.topk_ids,  # None for greedy samples and when top-k is off
         )
         self.dealer.send(rollout)
@@ -326,8 +345,11 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
     weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
     rendezvous.barrier("connected")
+    references = None
+    if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
+        references = codec.decode(rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY)).references
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealer, stats_out=stats_out)
+                     inbox=inbox, dealer=dealer, stats_out=stats_out, references=references)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)

@@ -30,14 +30,15 @@ from asyncopd import trace
 from asyncopd.config import JobConfig, LossConfig
 from asyncopd.learner.batching import TrainSample, topk_overlap
 from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from asyncopd.learner.evaluation import EvalAccumulator
+from asyncopd.learner.evaluation import EvalAccumulator, EvalExample
 from asyncopd.learner.io import LearnerIO
 from asyncopd.learner.advantages import sequence_advantages
 from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, shard_model
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
+from asyncopd.quality import Verdict, collapse_verdict
 from asyncopd.transport import codec
-from asyncopd.transport.discovery import Rendezvous
+from asyncopd.transport.discovery import TEACHER_REFERENCES_KEY, Rendezvous
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
 from asyncopd.types import ScoredRollout, TensorSpec, WeightUpdate
 
@@ -119,13 +120,16 @@ class Learner:
         self.metrics: MetricsWriter | None = None
         self.evals: dict[int, dict[str, float]] = {}
         if index == 0:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(student_path)  # decodes the samples.jsonl pairs
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict()))))
             self.metrics = MetricsWriter(self.run_dir, config=cfg.to_dict(), total_steps=cfg.learner.num_steps,
                                          initial_step=self.policy_version, wandb_mode=cfg.run.wandb,
                                          progress=cfg.run.progress, run_name=cfg.run.name)
-            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=EvalAccumulator(num_eval_prompts, cfg.eval.rkl_samples),
-                                on_eval=self._on_eval)
+            evaluation = EvalAccumulator(num_eval_prompts, cfg.eval.rkl_samples, num_examples=cfg.eval.logged_samples)
+            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=evaluation, on_eval=self._on_eval)
         specs = [TensorSpec(name, tuple(t.shape), self.serve_dtype)
                  for name, t in iter_full_weights(self.model, _DTYPES[self.serve_dtype])]
         self.buckets = plan_buckets(specs, int(cfg.learner.weight_sync_bucket_mb * 2**20))
@@ -145,13 +149,42 @@ class Learner:
         logger.info("resumed from %s at policy version %d", path, extra["policy_version"])
         return extra
 
+    def _expect_teacher_references(self) -> None:
+        """Rank 0: how many teacher samples each evaluation scores (teacher rank 0
+        published them before the roles connected)."""
+        if self.index != 0 or not self.cfg.eval.enabled:
+            return
+        references = codec.decode(self.rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY))
+        self.io.evaluation.num_references = len(references.references)
+        if references.skipped_reason:
+            logger.warning("evaluation without teacher samples (%s): no eval/teacher_sample_nll; the collapse "
+                           "verdict compares the student with its own start", references.skipped_reason)
+
+    def verdict(self) -> Verdict:
+        """The collapse rule (asyncopd/quality.py) on this run's first and latest evaluation."""
+        if not self.evals:
+            return Verdict("unknown")
+        return collapse_verdict(self.evals.get(self.start_version, {}), self.evals[max(self.evals)])
+
     def _on_eval(self, metrics: dict[str, float]) -> None:
         version = int(metrics["eval/policy_version"])
         self.evals[version] = metrics
+        verdict = self.verdict() if version == max(self.evals) else Verdict("unknown")
+        metrics["eval/collapse"] = float(verdict.status == "collapse")
         assert self.metrics is not None
         self.metrics.log(metrics, step=version)
-        self.metrics.write_line(f"eval @ policy version {version}: accuracy {metrics['eval/accuracy']:.3f}, "
-                                f"reverse KL {metrics['eval/rkl']:.4f}")
+        self.metrics.log_samples(self._decoded(self.io.evaluation.examples.pop(version, [])), step=version)
+        self.metrics.write_line(f"eval @ policy version {version}: {_eval_line(metrics)}")
+        if verdict.status == "collapse":
+            self.metrics.write_line(f"WARNING: eval @ policy version {version}: {verdict.describe()}")
+
+    def _decoded(self, examples: list[EvalExample]) -> list[dict[str, Any]]:
+        def text(ids: np.ndarray | None) -> str | None:
+            return None if ids is None else self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+        return [{"prompt_index": e.prompt_index, "prompt": text(e.prompt_ids), "student": text(e.student_ids),
+                 "student_finish": e.student_finish, "student_greedy": text(e.greedy_ids),
+                 "teacher": text(e.teacher_ids), "teacher_finish": e.teacher_finish} for e in examples]
 
     def publish_weights(self) -> float:
         """Every learner rank gathers; rank 0 streams the buckets to the actors."""
@@ -205,6 +238,7 @@ class Learner:
 
     def run(self) -> dict[str, Any] | None:
         self.rendezvous.barrier("connected")
+        self._expect_teacher_references()
         started = time.perf_counter()
         self.publish_weights()  # actors start from the learner's weights (also after a resume)
         previous_stats: dict = {}
@@ -231,11 +265,15 @@ class Learner:
         before = self.evals.get(self.start_version, {})
         after = self.evals.get(self.policy_version, {})
         stats = self.io.buffer.stats
+        verdict = self.verdict()
         summary = {
-            "eval/accuracy_before": before.get("eval/accuracy"),
-            "eval/accuracy_after": after.get("eval/accuracy"),
-            "eval/rkl_before": before.get("eval/rkl"),
-            "eval/rkl_after": after.get("eval/rkl"),
+            "eval/verdict": verdict.status,
+            "eval/verdict_reasons": list(verdict.reasons),
+            **{f"{key}_{when}": evaluation.get(key) for key in _SUMMARY_EVAL_KEYS
+               for when, evaluation in (("before", before), ("after", after))},
+            "eval/teacher_distinct2": after.get("eval/teacher_distinct2"),
+            "eval/teacher_repetition": after.get("eval/teacher_repetition"),
+            "eval/teacher_self_nll": after.get("eval/teacher_self_nll"),
             "async/max_staleness": self.cfg.async_.max_staleness,
             "async/schedule": self.cfg.async_.schedule,
             "buffer/staleness_max": stats.staleness_max,
@@ -268,17 +306,43 @@ def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path
         dist.destroy_process_group()
 
 
+_SUMMARY_EVAL_KEYS = ("eval/accuracy", "eval/rkl", "eval/teacher_sample_nll", "eval/forward_kl", "eval/distinct2",
+                      "eval/repetition", "eval/response_tokens", "eval/eos_rate")
+"""Eval metrics that summary.json reports before and after training (``<key>_before``, ``<key>_after``)."""
+
+
+def _eval_line(m: dict[str, Any]) -> str:
+    line = f"accuracy {m['eval/accuracy']:.3f}, reverse KL {m['eval/rkl']:.4f}, distinct-2 {m['eval/distinct2']:.3f}"
+    if "eval/teacher_sample_nll" in m:
+        line += (f" (teacher {m['eval/teacher_distinct2']:.3f}), NLL of teacher samples "
+                 f"{m['eval/teacher_sample_nll']:.4f} (teacher's own {m['eval/teacher_self_nll']:.4f})")
+    return line
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     def fmt(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+    def row(label: str, key: str) -> str:
+        return f"   {label:<22}{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}"
+
     lines = [
         f"== asyncopd run finished: {run_dir}",
-        f"   held-out accuracy   {fmt(summary['eval/accuracy_before'])} -> {fmt(summary['eval/accuracy_after'])}",
-        f"   reverse KL / token  {fmt(summary['eval/rkl_before'])} -> {fmt(summary['eval/rkl_after'])}",
+        row("held-out accuracy", "eval/accuracy"),
+        row("reverse KL / token", "eval/rkl"),
+        row("NLL of teacher samples", "eval/teacher_sample_nll")
+        + f" (teacher's own {fmt(summary['eval/teacher_self_nll'])})",
+        row("distinct-2", "eval/distinct2") + f" (teacher {fmt(summary['eval/teacher_distinct2'])})",
+        row("repetition rate", "eval/repetition") + f" (teacher {fmt(summary['eval/teacher_repetition'])})",
         f"   staleness max {summary['buffer/staleness_max']} (bound {summary['async/max_staleness']}), "
         f"samples trained {summary['samples_trained']}, dropped stale {summary['samples_dropped_stale']}, "
         f"wall {summary['wall_s']:.1f}s",
     ]
     for line in lines:
         logger.info("%s", line)
+    verdict = Verdict(summary["eval/verdict"], tuple(summary["eval/verdict_reasons"]))
+    if verdict.status == "collapse":
+        logger.warning("   verdict: %s. Lower eval/rkl does not mean a better student here; see samples.jsonl.",
+                       verdict.describe())
+    else:
+        logger.info("   verdict: %s", verdict.describe())

@@ -88,6 +88,9 @@ PositionLogprobs = dict[int, _Logprob] | None
 class _Choice(msgspec.Struct):
     index: int
     prompt_logprobs: list[PositionLogprobs] | None = None
+    token_ids: list[int] | None = None
+    """Generated ids, with ``return_token_ids`` (teacher samples for the evaluation)."""
+    finish_reason: str | None = None
 
 
 class _Completion(msgspec.Struct):

@@ -163,7 +163,7 @@ def check_topk_width(r: Rollout, top_k: int) -> None:
     if not top_k:
         return
     student = r.student_topk_ids
-    if student is None and r.kind != "eval_greedy":
+    if student is None and r.kind not in ("eval_greedy", "eval_reference"):  # neither is sampled with top-k
         raise ValueError(f"rollout {r.rollout_id} ({r.kind}) carries no student_topk_ids but teacher.top_k="
                          f"{top_k}; actors and teachers must run with the same teacher.top_k")
     if student is not None and student.shape[1] != top_k:

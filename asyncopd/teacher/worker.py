@@ -11,7 +11,8 @@ forwards, forwards each :class:`ScoredRollout` (with the top-k support when
 teacher.top_k > 0) to the learner and acknowledges
 each rollout to the actor that sent it. A rollout that fails to score is
 acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
-keeps serving. It exits on :class:`Shutdown` from the learner.
+keeps serving. It exits on :class:`Shutdown` from the learner. Before serving,
+rank 0 samples the evaluation's teacher references (:mod:`asyncopd.teacher.references`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import zmq
 
 from asyncopd import trace
 from asyncopd.config import JobConfig
+from asyncopd.teacher.references import publish_references
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
@@ -115,9 +117,12 @@ class TeacherWorker:
                 channel.close()
 
 
-def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str | None) -> None:
+def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str | None,
+                student_path: str | None = None) -> None:
     """The teacher role's main: bind, publish, connect, serve until shutdown.
-    ``teacher_path``: the local teacher model (None with teacher.backend=vllm_http)."""
+    ``teacher_path``: the local teacher model (None with teacher.backend=vllm_http);
+    ``student_path``: whose tokenizer encodes the held-out prompts for the teacher's
+    evaluation references (rank 0 samples them before the roles connect)."""
     scorer: Scorer
     if cfg.teacher.backend == "vllm_http":
         from asyncopd.teacher.http import HttpScorer
@@ -136,6 +141,8 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         rendezvous.publish(f"teacher/{index}/router", worker.router.address)
         rendezvous.publish(f"teacher/{index}/inbox", worker.inbox.address)
         worker.connect_learner(rendezvous.lookup("learner/inbox"))
+        if index == 0 and cfg.eval.enabled:
+            publish_references(cfg, rendezvous, scorer, student_path or teacher_path)
         rendezvous.barrier("connected")
         logger.info("teacher %d: serving on %s", index, worker.router.address)
         ended = ShutdownWatch(rendezvous)  # should the Shutdown message be lost

@@ -4,7 +4,8 @@ Every role binds its sockets on an OS-chosen port, publishes the address under a
 well-known key, and looks its peers up the same way; nobody types addresses.
 The store is the one torchrun already runs (``dist.rendezvous("env://")``).
 
-This module does not open sockets; it only moves strings through the store.
+This module does not open sockets; it only moves strings (and encoded messages,
+such as the teacher's evaluation references) through the store.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["Rendezvous", "ShutdownWatch"]
+__all__ = ["Rendezvous", "ShutdownWatch", "TEACHER_REFERENCES_KEY"]
 
 logger = logging.getLogger(__name__)
 
 _PREFIX = "asyncopd"
+TEACHER_REFERENCES_KEY = "eval/teacher_references"
+"""Where teacher rank 0 publishes the encoded TeacherReferences (see asyncopd/teacher/references.py)."""
 
 
 class Rendezvous:
@@ -41,10 +44,17 @@ class Rendezvous:
     def publish(self, key: str, value: str) -> None:
         self.store.set(f"{_PREFIX}/{key}", value)
 
+    def publish_bytes(self, key: str, value: bytes) -> None:
+        self.store.set(f"{_PREFIX}/{key}", value)
+
     def lookup(self, key: str) -> str:
         """The value published under ``key``; waits up to ``timeout_s`` for it."""
+        return self.lookup_bytes(key).decode()
+
+    def lookup_bytes(self, key: str) -> bytes:
+        """The bytes published under ``key``; waits up to ``timeout_s`` for them."""
         try:
-            return self.store.get(f"{_PREFIX}/{key}").decode()
+            return self.store.get(f"{_PREFIX}/{key}")
         except RuntimeError as exc:  # the store raises on timeout
             raise TimeoutError(
                 f"no peer published {key!r} within cluster.startup_timeout_s={self.timeout_s:g}s "
