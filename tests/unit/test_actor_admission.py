@@ -15,7 +15,7 @@ from asyncopd.config import from_dict
 from asyncopd.tasks import load_task
 from asyncopd.tasks.tokenizer import build_char_tokenizer
 from asyncopd.transport.sockets import Channel
-from asyncopd.types import Rollout, ScoreAck, Shutdown, WeightUpdate
+from asyncopd.types import Rollout, ScoreAck, Shutdown, TeacherReference, WeightUpdate
 
 
 class FakeEngine:
@@ -26,10 +26,15 @@ class FakeEngine:
         self.added: list[str] = []
         self.loaded_versions = 0
         self.finish_all = True
+        self.scoring: dict[str, tuple[list[int], np.ndarray]] = {}
 
     def add(self, request_id, prompt_ids, *, greedy=False, seed=None, temperature=None) -> None:
         self.pending[request_id] = []
         self.added.append(request_id)
+
+    def add_scoring(self, request_id, prompt_ids, response_ids) -> None:
+        self.scoring[request_id] = (list(prompt_ids), np.asarray(response_ids, np.int32))
+        self.add(request_id, prompt_ids)
 
     @property
     def num_unfinished(self) -> int:
@@ -45,7 +50,12 @@ class FakeEngine:
         done = [Completion(request_id=rid, token_ids=np.array([7, 1], np.int32)[: len(v) + 1][-2:],
                            logprobs=np.full(2, -0.5, np.float32),
                            token_policy_versions=np.array([v[0], v[-1]], np.int32), finish_reason="stop")
-                for rid, v in self.pending.items()]
+                for rid, v in self.pending.items() if rid not in self.scoring]
+        done += [Completion(request_id=rid, token_ids=self.scoring[rid][1],
+                            logprobs=np.full(len(self.scoring[rid][1]), -2.0, np.float32),
+                            token_policy_versions=np.full(len(self.scoring[rid][1]), v[0], np.int32),
+                            finish_reason="scored")
+                 for rid, v in self.pending.items() if rid in self.scoring]
         self.pending.clear()
         return done
 
@@ -61,8 +71,9 @@ class FakeWeightGroup:
 
 
 def make_loop(eta: int, schedule: str, *, batch_size: int = 4, num_steps: int = 6, samples_per_prompt: int = 2,
-              max_num_seqs: int = 64):
-    cfg = from_dict({"async": {"max_staleness": eta, "schedule": schedule}, "eval": {"enabled": False},
+              max_num_seqs: int = 64, evaluation: dict | None = None, references=None):
+    cfg = from_dict({"async": {"max_staleness": eta, "schedule": schedule},
+                     "eval": evaluation or {"enabled": False}, "task": {"num_eval_prompts": 4},
                      "learner": {"batch_size": batch_size, "num_steps": num_steps},
                      "actor": {"samples_per_prompt": samples_per_prompt, "max_num_seqs": max_num_seqs}})
     inbox = Channel(zmq.PULL, bind_host="127.0.0.1")
@@ -73,7 +84,8 @@ def make_loop(eta: int, schedule: str, *, batch_size: int = 4, num_steps: int = 
     control = Channel(zmq.PUSH, connect=[inbox.address])
     engine = FakeEngine()
     loop = ActorLoop(cfg, 0, engine=engine, task=load_task(cfg.task), tokenizer=build_char_tokenizer(),
-                     weight_group=FakeWeightGroup(), inbox=inbox, dealer=dealer, stats_out=stats)
+                     weight_group=FakeWeightGroup(), inbox=inbox, dealer=dealer, stats_out=stats,
+                     references=references)
     return loop, engine, control, teacher
 
 
@@ -185,3 +197,30 @@ def test_admission_keeps_the_engine_queue_within_twice_max_num_seqs(samples_per_
     assert all(r.batch_index - r.policy_version <= 1 for r in rollouts)
     groups = {r.group_id for r in rollouts}
     assert all(sum(r.group_id == g for r in rollouts) == samples_per_prompt for g in groups)
+
+
+def test_an_evaluation_scores_the_teacher_samples_with_the_student() -> None:
+    """At an eval version, each held-out prompt with a teacher sample gets one scoring
+    request; its rollout carries the teacher's tokens, the student's log-probs of them and
+    the teacher's ending, and takes no weights update while in flight."""
+    references = [TeacherReference(prompt_index=i, prompt_ids=np.array([5, 6, i + 3], np.int32),
+                                   response_ids=np.array([9, 9, 1][: i + 1], np.int32),
+                                   finish_reason="stop" if i == 2 else "length") for i in (0, 2)]
+    loop, engine, control, teacher = make_loop(1, "bounded", evaluation={"enabled": True, "rkl_samples": 1},
+                                               references=references)
+    engine.finish_all = False
+    push_weights(loop, control, 0)
+    assert sorted(p for p, _ in engine.scoring.values()) == [[5, 6, 3], [5, 6, 5]]
+    control.send(WeightUpdate(policy_version=1, buckets=[]))
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert loop.policy_version == 0  # no new weights under an evaluation
+    engine.finish_all = True
+    loop.run_once(0.01)
+    sent = drain_rollouts(teacher)
+    got = [r for r in sent if r.kind == "eval_reference"]
+    assert sorted((r.group_id, r.response_ids.tolist(), r.finish_reason) for r in got) == [
+        (0, [9], "length"), (2, [9, 9, 1], "stop")]
+    assert all(r.batch_index == 0 and (r.behaviour_logprobs == -2.0).all() for r in got)
+    # Scored tokens are not generated ones.
+    assert loop.tokens_generated == sum(r.response_ids.shape[0] for r in sent if r.kind != "eval_reference") > 0
