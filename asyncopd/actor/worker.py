@@ -45,11 +45,9 @@ import zmq
 from asyncopd import trace
 from asyncopd.config import JobConfig
 from asyncopd.tasks import Prompt, Task
-from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
+from asyncopd.transport.discovery import Rendezvous, ShutdownWatch, read_teacher_references
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
-from asyncopd.transport import codec
-from asyncopd.transport.discovery import TEACHER_REFERENCES_KEY
 from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, TeacherReference, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
@@ -347,7 +345,7 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     rendezvous.barrier("connected")
     references = None
     if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
-        references = codec.decode(rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY)).references
+        references = read_teacher_references(rendezvous, cfg.cluster.teachers).references
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
                      inbox=inbox, dealer=dealer, stats_out=stats_out, references=references)
     try:

@@ -38,7 +38,7 @@ from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
 from asyncopd.quality import Verdict, collapse_verdict
 from asyncopd.transport import codec
-from asyncopd.transport.discovery import TEACHER_REFERENCES_KEY, Rendezvous
+from asyncopd.transport.discovery import Rendezvous, read_teacher_references
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
 from asyncopd.types import ScoredRollout, TensorSpec, WeightUpdate
 
@@ -154,7 +154,7 @@ class Learner:
         published them before the roles connected)."""
         if self.index != 0 or not self.cfg.eval.enabled:
             return
-        references = codec.decode(self.rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY))
+        references = read_teacher_references(self.rendezvous, self.cfg.cluster.teachers)
         self.io.evaluation.num_references = len(references.references)
         if references.skipped_reason:
             logger.warning("evaluation without teacher samples (%s): no eval/teacher_sample_nll; the collapse "
@@ -286,7 +286,8 @@ class Learner:
             "train_wall_s": train_wall_s,
             **{k: v for k, v in self.io.actor_metrics({}).items() if k != "actor/tokens_per_s"},
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # strict JSON: no NaN
         return summary
 
 

@@ -16,7 +16,10 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["Rendezvous", "ShutdownWatch", "TEACHER_REFERENCES_KEY"]
+from asyncopd.transport import codec
+from asyncopd.types import TeacherReferences
+
+__all__ = ["Rendezvous", "ShutdownWatch", "TEACHER_REFERENCES_KEY", "read_teacher_references"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,19 @@ class Rendezvous:
                 )
             time.sleep(0.05)
             arrived = self.store.add(key, 0)
+
+
+def read_teacher_references(rendezvous: Rendezvous, num_teachers: int) -> TeacherReferences:
+    """The evaluation's teacher samples, which teacher rank 0 publishes before the
+    "connected" barrier (call it after that barrier). A job without teacher ranks has
+    none, and says so in ``skipped_reason``."""
+    if num_teachers == 0:
+        return TeacherReferences(policy_version=0, references=[],
+                                 skipped_reason="the job has no teacher ranks (cluster.teachers=0)")
+    message = codec.decode(rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY))
+    if not isinstance(message, TeacherReferences):
+        raise TypeError(f"{TEACHER_REFERENCES_KEY!r} holds a {type(message).__name__}, not TeacherReferences")
+    return message
 
 
 class ShutdownWatch:

@@ -147,6 +147,32 @@ def test_http_scores_match_hf(served: Served, top_k: int) -> None:
         assert (http_score.topk_ids[:, top_k:] == -1).all()
 
 
+def test_the_server_samples_the_evaluation_references(served: Served) -> None:
+    """teacher.backend=vllm_http: the eval's teacher samples come from the server, seeded
+    (the same twice), token ids with the EOS kept when the sample stopped."""
+    from asyncopd.teacher.references import generate_with_server
+
+    rng = np.random.default_rng(5)
+    prompts = [(i, rng.integers(3, 98, 6).tolist()) for i in range(12)]
+    scorer = HttpScorer.from_config(teacher_config(served, 0), startup_timeout_s=10.0)
+    try:
+        runs = [generate_with_server(scorer.server, scorer.model, prompts, max_new_tokens=40, seed=3,
+                                     max_request_tokens=200) for _ in range(2)]
+    finally:
+        scorer.close()
+    first, second = runs
+    assert [r.response_ids.tolist() for r in first] == [r.response_ids.tolist() for r in second]
+    assert [r.prompt_index for r in first] == list(range(12))
+    assert len({tuple(r.response_ids.tolist()) for r in first}) > 1
+    for r in first:
+        tokens = r.response_ids.tolist()
+        assert 0 < len(tokens) <= 40 and all(0 <= t < 98 for t in tokens)
+        if r.finish_reason == "stop":
+            assert tokens[-1] == 1  # the char tokenizer's <eos>
+        else:
+            assert len(tokens) == 40
+
+
 def test_launcher_checks_the_served_teacher(served: Served) -> None:
     teacher = teacher_config(served, top_k=0)
     check_teacher_server(JobConfig(teacher=teacher, actor=ActorConfig(max_model_len=MAX_MODEL_LEN)),

@@ -1,5 +1,6 @@
 """The whole job under torchrun with tiny random models: it completes, respects the
-staleness bound, writes metrics, a checkpoint and an HF export, and resumes."""
+staleness bound, writes metrics (the eval measures and samples.jsonl at every
+evaluation, the collapse verdict), a checkpoint and an HF export, and resumes."""
 
 from __future__ import annotations
 
@@ -67,6 +68,16 @@ def check_run(run_dir: Path, *, eta: int, steps: int, batch: int) -> dict:
         for key in ("learner/rkl", "learner/is_clip_frac", "actor/tokens_per_s", "teacher/score_s",
                     "timing/step_s", "timing/weight_sync_s"):
             assert key in r, key
+    evals = [r for r in records if "eval/rkl" in r]
+    assert {start, steps} <= {r["step"] for r in evals}
+    for r in evals:  # the measures a collapse cannot fool, at every evaluation
+        for key in ("eval/teacher_sample_nll", "eval/teacher_self_nll", "eval/distinct2", "eval/teacher_distinct2",
+                    "eval/repetition", "eval/eos_rate", "eval/teacher_eos_rate", "eval/teacher_response_tokens"):
+            assert key in r, key
+        assert r["eval/teacher_sample_nll"] > 0 and r["eval/collapse"] in (0.0, 1.0)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {start, steps} <= {s["step"] for s in samples} and all(s["teacher"] is not None for s in samples)
+    assert summary["eval/verdict"] in ("ok", "collapse") and summary["eval/teacher_sample_nll_after"] > 0
     assert (run_dir / "config.yaml").is_file()
     return summary
 
