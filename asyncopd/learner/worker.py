@@ -322,10 +322,10 @@ def _eval_line(m: dict[str, Any]) -> str:
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     def fmt(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
 
     def row(label: str, key: str) -> str:
-        return f"   {label:<22}{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}"
+        return f"   {label:<24}{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}"
 
     lines = [
         f"== asyncopd run finished: {run_dir}",

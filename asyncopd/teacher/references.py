@@ -52,10 +52,12 @@ def fit_for_scoring(references: Sequence[TeacherReference], max_model_len: int) 
     """The references as the actors can score them: prompt + response within
     ``max_model_len - 1`` tokens (scoring generates one throwaway token), the response
     cut if needed (only a full-length prompt with a full-length answer loses its last
-    token); one that leaves no response token is dropped."""
+    token); one that leaves no response token, or has none, is dropped."""
     fitted = []
     for r in references:
         room = max_model_len - 1 - r.prompt_ids.shape[0]
+        if r.response_ids.shape[0] == 0:
+            continue  # nothing to score (a server that answered no token)
         if room >= r.response_ids.shape[0]:
             fitted.append(r)
         elif room > 0:
