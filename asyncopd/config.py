@@ -562,6 +562,21 @@ class RunConfig:
     """Record a timeline of every process (engine steps, weight loads, teacher forwards,
     batch waits, train steps) into <run dir>/trace.json, for https://ui.perfetto.dev;
     see asyncopd/trace.py."""
+    seed: int = 0
+    """Replicate seed: moves every random stream of the job at once (training prompt
+    stream, actor sampling, learner RNG; see asyncopd/seeds.py) and nothing else (the
+    held-out prompts and demo models follow task.seed). 0 = the streams actor.seed,
+    learner.seed and task.seed give on their own. A sweep may sweep it
+    (run.seed=range(3)): each value is a replicate, not a combination."""
+    seeds: int = 1
+    """Replicates per combination: with N > 1, ``python -m asyncopd.launch`` (with or
+    without -m) runs each combination N times with run.seed = run.seed, ..., run.seed+N-1,
+    each in <sweep dir>/<combination>/seed=<k>/, and writes the report
+    (python -m asyncopd.report). 1 = one run per combination."""
+
+    def __post_init__(self) -> None:
+        _check_positive("run", self, "seeds")
+        _check_positive("run", self, "seed", allow_zero=True)
 
     @property
     def run_dir(self) -> Path:

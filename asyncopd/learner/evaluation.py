@@ -35,6 +35,7 @@ class EvalAccumulator:
         results.append(scored)
         if len(results) < self.expected:
             return None
+        results.sort(key=lambda s: s.rollout.rollout_id)  # arrival order is timing; sums must not be
         greedy = [s.rollout.reward for s in results if s.rollout.kind == "eval_greedy"]
         sampled = [s for s in results if s.rollout.kind == "eval_sample"]
         rkl_tokens = np.concatenate(

@@ -36,6 +36,7 @@ from asyncopd.learner.advantages import sequence_advantages
 from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, shard_model
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
+from asyncopd.seeds import job_seeds
 from asyncopd.transport import codec
 from asyncopd.transport.discovery import Rendezvous
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
@@ -107,7 +108,7 @@ class Learner:
         self.student_path = student_path
         self.run_dir = cfg.run.run_dir
         self.serve_dtype = cfg.model.student.dtype
-        torch.manual_seed(cfg.learner.seed)
+        torch.manual_seed(job_seeds(cfg).learner)
         self.model = load_student(student_path, torch.float32)  # fp32 master weights; compute in param_dtype
         shard_model(self.model, make_mesh("cpu"), _DTYPES[cfg.learner.param_dtype])
         self.optimizer = make_optimizer(self.model, cfg.learner)
