@@ -71,7 +71,8 @@ def _train_samples(batch: list[ScoredRollout], loss_cfg: LossConfig) -> list[Tra
     groups / REINFORCE++ whitening) computed over the whole batch."""
     rewards = np.array([s.rollout.reward for s in batch], dtype=np.float32)
     group_ids = np.array([s.rollout.group_id for s in batch], dtype=np.int64)
-    advantages = sequence_advantages(rewards, group_ids, loss_cfg)
+    lengths = np.array([s.rollout.response_ids.shape[0] for s in batch], dtype=np.int64)
+    advantages = sequence_advantages(rewards, group_ids, loss_cfg, response_lengths=lengths)
     return [TrainSample.from_scored(s, adv_base=float(a)) for s, a in zip(batch, advantages)]
 
 
