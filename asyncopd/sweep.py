@@ -75,6 +75,9 @@ def _quoted(value: str) -> str:
 def _replicates(combos: list[list[str]], swept: list[str], first: RunConfig) -> list[tuple[list[str], int | None]]:
     """Each combination with each replicate seed (None: a single run, no seed directory)."""
     if "run.seed" in swept:
+        if first.seeds != 1:
+            raise ConfigError(f"run.seeds={first.seeds} with a swept run.seed: two ways of giving replicates. "
+                              "Fix: use one of them (run.seeds=N or run.seed=a,b,...).")
         return [([c for c in combo if not c.startswith("run.seed=")], int(_value(combo, "run.seed")))
                 for combo in combos]
     if first.seeds == 1:
@@ -105,7 +108,8 @@ def plan(options: list[str], overrides: list[str],
         where = tag if tag != "job" or seed is None else ""
         if seed is not None:
             where = f"{where}/seed={seed}" if where else f"seed={seed}"
-        argv = [*options, *[c for c in combo if not c.startswith(("run.dir=", "run.name=", "run.seeds="))]]
+        fixed = ("run.dir=", "run.name=", "run.seeds=", "run.seed=") if seed is not None else ("run.dir=", "run.name=")
+        argv = [*options, *[c for c in combo if not c.startswith(fixed)]]
         if seed is not None:
             argv += [f"run.seed={seed}", "run.seeds=1"]
         argv += [f"run.dir={_quoted(str(base / where))}", f"run.name={_quoted(name + '-' + where.replace('/', '-'))}"]

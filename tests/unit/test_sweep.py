@@ -42,6 +42,7 @@ def test_each_job_gets_its_own_validated_config_and_run_directory(tmp_path) -> N
     (["learner.lr=interval(0.1,0.2)"], r"an interval sweep has no finite list of values"),
     (["learner.lr=1e-4"], r"-m/--multirun without a swept value"),
     (["learner.lr=[1,"], r"Fix: write sweeps as key=a,b,c"),
+    (["run.seed=0,1", "run.seeds=2"], r"run.seeds=2 with a swept run.seed: two ways of giving replicates"),
 ])
 def test_a_sweep_that_cannot_run_fails_before_any_job(overrides, expected) -> None:
     with pytest.raises(ConfigError, match=expected):
