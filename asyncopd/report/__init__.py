@@ -126,7 +126,7 @@ def _nan_none(value: float) -> float | None:
 def _fmt(value: float) -> str:
     if math.isnan(value):
         return "-"
-    return f"{value:.3g}" if abs(value) >= 100 else f"{value:.4f}".rstrip("0").rstrip(".") if value else "0"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _ci(m: MeanCI | None) -> str:

@@ -89,7 +89,7 @@ def test_a_synthetic_sweep_report_has_known_means_intervals_and_differences(tmp_
     assert not eta4.differences["eval/accuracy"].outside_noise  # +0.02 with a wide interval
     assert not eta2.differences["eval/rkl"].outside_noise and eta2.differences["eval/rkl"].half_width == 0.0
     lines = report.console_lines()
-    assert any(line.startswith("eta=2") and "-0.2 ± 0.0453 *" in line for line in lines)
+    assert any(line.startswith("eta=2") and "-0.2 ± 0.04534 *" in line for line in lines)
     assert any(line.startswith("eta=0") and "(baseline)" in line for line in lines)
 
 
