@@ -20,6 +20,7 @@ This package reads run directories; it never starts a job.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from asyncopd.report.runs import SPEED_KEYS, Run, load_runs, split_tag
 from asyncopd.report.stats import Difference, MeanCI, mean_ci, welch_difference
 
 __all__ = ["Report", "build_report", "write_report", "ReportError"]
+
+logger = logging.getLogger(__name__)
 
 _CONSOLE_KEYS = ("eval/accuracy", "eval/rkl", "s/step")
 
@@ -193,7 +196,12 @@ def write_report(base: Path, *, baseline: str | None = None, level: float = 0.95
     """Build the report of the sweep under ``base`` and write report.md, report.json and plots/."""
     report = build_report(base, baseline=baseline, level=level)
     groups = {c.name: c.runs for c in report.combinations if c.runs}
-    for key in report.eval_keys:
+    try:
+        import matplotlib  # noqa: F401  (the plots' only extra dependency)
+    except ImportError:
+        logger.warning("matplotlib is not installed: report.md without plots (pip install 'asyncopd[report]')")
+        groups = {}
+    for key in report.eval_keys if groups else ():
         if any(run.curve(key)[0] for runs in groups.values() for run in runs):
             report.plots[key] = plot_metric(groups, key, report.base / "plots" / plot_name(key), level=level)
     (report.base / "report.md").write_text(report.markdown())
