@@ -12,6 +12,12 @@ job's overrides, exit code and ``summary.json``, and a table compares them (wall
 time, seconds per step, accuracy and reverse KL before/after, observed staleness,
 dropped samples). A job that fails is reported and the sweep goes on; the sweep
 then exits non-zero.
+
+Replicates: ``run.seeds=N`` (or a swept ``run.seed=a,b,...``) runs every combination
+once per replicate seed, in ``<base>/<combination>/seed=<k>/``. The sweep ends with
+``<base>/report.md`` (:mod:`asyncopd.report`: mean ± t-interval per combination,
+differences to the first combination with Welch intervals, plots), and its
+comparison on the console.
 """
 
 from __future__ import annotations
