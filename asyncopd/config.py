@@ -389,17 +389,22 @@ class LossConfig:
     """The per-token objective (see learner/loss.py):
     ``pg_coef * L_pg + kl_loss_coef * L_kl - entropy_coef * H``."""
 
-    advantage: Literal["opd", "grpo", "reinforce_pp"] = "opd"
+    advantage: Literal["opd", "grpo", "reinforce_pp", "reinforce_pp_token"] = "opd"
     """Per-token advantage of the policy-gradient term L_pg. "opd": opd_coef times the
     (discounted) OPD signal r_t = lp_teacher - lp_old; works with one sample per
     prompt. "grpo": the sequence's group-normalised reward (actor.samples_per_prompt
     samples per group) plus opd_penalty_coef times the OPD signal. "reinforce_pp": the
-    same with the reward whitened over the whole batch instead of per group."""
+    same with the reward whitened over the batch's *sequences* ((R - mean) / (std +
+    1e-6), each sequence counted once). "reinforce_pp_token": verl's
+    adv_estimator=reinforce_plus_plus (gamma = 1): the reward broadcast to every response
+    token and whitened over the batch's *tokens* ((R - token mean) / sqrt(token var +
+    1e-8), so long responses weigh more in the statistics). The OPD penalty is added
+    after whitening in both (verl folds a KL-in-reward into the rewards before)."""
     opd_coef: float = 1.0
     """Scale of the OPD advantage (advantage="opd" only), dimensionless."""
     opd_penalty_coef: float = 0.0
     """Scale of the OPD signal added to the reward advantage as a reverse-KL penalty
-    (advantage="grpo" / "reinforce_pp" only); 0 = plain GRPO / REINFORCE++."""
+    (advantage="grpo" / "reinforce_pp*" only); 0 = plain GRPO / REINFORCE++."""
     discount: float = 0.0
     """gamma in [0, 1]: the OPD signal of token t becomes sum_{s>=t} gamma^(s-t) r_s over
     the later response tokens of the same sequence (s-t counted in response tokens).
@@ -415,9 +420,11 @@ class LossConfig:
     top-k ids plus one tail bucket (needs teacher.top_k > 0). "none": no KL loss.
     k1's expected gradient on on-policy samples is zero: use it as a metric or an
     advantage, rarely as a loss."""
-    kl_clamp: float | None = None
-    """Clamp the k1/k2/k3 estimator to [-kl_clamp, kl_clamp] (nats; gradient zero
-    outside; verl's low_var_kl uses 10). None = no clamp."""
+    kl_clamp: float | None = 10.0
+    """Clamp of the k3 estimator to [-kl_clamp, kl_clamp] (nats; gradient zero outside),
+    as verl's low_var_kl, whose clamp is 10: a token whose teacher log-prob exceeds the
+    student's by more than ~2.4 nats stops pushing. k1 and k2 are never clamped (verl
+    neither). None = k3 unclamped."""
     pg_coef: float = 1.0
     """Weight of the policy-gradient term (AReaL rl_weight); 0 = pure distillation
     by kl_loss."""
@@ -452,6 +459,12 @@ class LossConfig:
     ppo_clip_high: float | None = 0.28
     """PPO clip epsilon_high: the ratio is clipped above at 1 + ppo_clip_high (DAPO's
     clip-higher). None = no clip (not allowed with decoupled_ppo)."""
+    ppo_clip_dual: float | None = None
+    """Dual-clip PPO bound c > 1 (Ye et al. 2019; verl's clip_ratio_c, 3.0 there): for
+    tokens with a negative advantage the per-token policy loss is capped at -c * A, so a
+    ratio exp(lp - lp_old) above c stops pushing the token down. Like the PPO clip it
+    acts only with several updates per step. None = off (verl's vanilla loss always
+    applies it; set 3.0 to match)."""
 
     def __post_init__(self) -> None:
         _check_positive("loss", self, "tis_cap", "is_mask_high", "kl_clamp", "ppo_clip_high")
@@ -463,6 +476,9 @@ class LossConfig:
             _fail("loss.is_mask_low", self.is_mask_low,
                   f"must be below loss.is_mask_high={self.is_mask_high} (no ratio would be kept)",
                   "use a band around 1 such as is_mask_low=0.5, is_mask_high=2.0")
+        if self.ppo_clip_dual is not None and self.ppo_clip_dual <= 1.0:
+            _fail("loss.ppo_clip_dual", self.ppo_clip_dual, "must be > 1 (it bounds a ratio above 1)",
+                  "use verl's 3.0, or null to disable the dual clip")
         if self.ppo_clip_low is not None and not 0.0 < self.ppo_clip_low < 1.0:
             _fail("loss.ppo_clip_low", self.ppo_clip_low, "must be in (0, 1) (the lower clip bound is 1 - it)",
                   "use a value such as 0.2, or null to disable the PPO clip")
@@ -573,6 +589,21 @@ class RunConfig:
     """Record a timeline of every process (engine steps, weight loads, teacher forwards,
     batch waits, train steps) into <run dir>/trace.json, for https://ui.perfetto.dev;
     see asyncopd/trace.py."""
+    seed: int = 0
+    """Replicate seed: moves every random stream of the job at once (training prompt
+    stream, actor sampling, learner RNG; see asyncopd/seeds.py) and nothing else (the
+    held-out prompts and demo models follow task.seed). 0 = the streams actor.seed,
+    learner.seed and task.seed give on their own. A sweep may sweep it
+    (run.seed=range(3)): each value is a replicate, not a combination."""
+    seeds: int = 1
+    """Replicates per combination: with N > 1, ``python -m asyncopd.launch`` (with or
+    without -m) runs each combination N times with run.seed = run.seed, ..., run.seed+N-1,
+    each in <sweep dir>/<combination>/seed=<k>/, and writes the report
+    (python -m asyncopd.report). 1 = one run per combination."""
+
+    def __post_init__(self) -> None:
+        _check_positive("run", self, "seeds")
+        _check_positive("run", self, "seed", allow_zero=True)
 
     @property
     def run_dir(self) -> Path:

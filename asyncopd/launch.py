@@ -3,6 +3,7 @@
 ::
 
     python -m asyncopd.launch -m k=a,b   a sweep: one such job per combination (asyncopd.sweep)
+    python -m asyncopd.launch run.seeds=3  replicates (with -m: of every combination), then a report
     python -m asyncopd.launch ...        compose + validate + build demo models, then
         └─ torchrun --nproc-per-node=L+A+T -m asyncopd.launch ...
               rank [0, L)        learner  (FSDP2 group; rank 0: buffer, metrics, weights out)
@@ -265,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_sweep([f"--config-name={name}", f"--config-dir={config_dir}"], overrides,
                              compose=compose_config, spawn=_spawn_torchrun)
         cfg = compose_config(argv)
+        if cfg.run.seeds > 1:  # replicates are separate jobs: a sweep of one combination
+            if under_torchrun:
+                raise ConfigError(f"run.seeds={cfg.run.seeds} under torchrun runs one job. Fix: start replicates "
+                                  "with `python -m asyncopd.launch run.seeds=N ...`, or set run.seed=<k> per job.")
+            name, config_dir, overrides = _split_args(argv)
+            return run_sweep([f"--config-name={name}", f"--config-dir={config_dir}"], overrides,
+                             compose=compose_config, spawn=_spawn_torchrun)
         if not under_torchrun:
             return _spawn_torchrun(cfg, argv)
         _run_rank(cfg)

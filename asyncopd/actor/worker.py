@@ -44,6 +44,7 @@ import zmq
 
 from asyncopd import trace
 from asyncopd.config import JobConfig
+from asyncopd.seeds import job_seeds
 from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch, read_teacher_references
 from asyncopd.transport.sockets import Channel, poll
@@ -109,6 +110,7 @@ class ActorLoop:
         self.evaluated: set[int] = set()
         self.eval_due: set[int] = set()
         self.seq = 0
+        self.sampler_seed = job_seeds(cfg).actor
         self.started = time.monotonic()
         self.last_stats = 0.0
         self.tokens_generated = 0
@@ -154,7 +156,7 @@ class ActorLoop:
 
     def _submit(self, request: _Request) -> None:
         request_id = f"{self.index}-{self.seq}"
-        sample_seed = (self.cfg.actor.seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
+        sample_seed = (self.sampler_seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
         self.seq += 1
         if request.kind == "eval_reference":
             assert request.reference is not None
@@ -332,9 +334,11 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     from asyncopd.tasks import load_task
 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
+    seeds = job_seeds(cfg)
     task = load_task(cfg.task, tokenizer=tokenizer,
-                     max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens)
-    engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=cfg.actor.seed + index,
+                     max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens,
+                     replicate=seeds.prompt_order)
+    engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=seeds.actor + index,
                         top_k=cfg.teacher.top_k)
     inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
     rendezvous.publish(f"actor/{index}/inbox", inbox.address)

@@ -126,7 +126,9 @@ class StalenessBuffer(Generic[S]):
         for, after a last staleness check; None while slots are still missing."""
         if not self.ready(learner_version):
             return None
-        candidates = self._held.pop(learner_version, [])
+        # In rollout-id order, not arrival order: arrival depends on thread timing, and the
+        # learner's sums over the batch would then differ in their last bits between runs.
+        candidates = sorted(self._held.pop(learner_version, []), key=lambda s: s.rollout_id)
         self._dropped_slots.pop(learner_version, None)
         self._num_held -= len(candidates)
         batch: list[S] = []

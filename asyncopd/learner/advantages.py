@@ -22,17 +22,24 @@ __all__ = ["sequence_advantages", "discounted_sum"]
 
 # Added to standard deviations before dividing (GRPO / REINFORCE++ normalisation).
 _STD_EPS = 1e-6
+# Added to the token variance before the square root (verl's masked_whiten).
+_TOKEN_WHITEN_EPS = 1e-8
 # Positions per block of the discounted sum (memory [batch, block, block]).
 _DISCOUNT_BLOCK = 128
 
 
 def sequence_advantages(rewards: np.ndarray | Tensor, group_ids: np.ndarray | Tensor,
-                        cfg: LossConfig) -> Tensor:
+                        cfg: LossConfig, response_lengths: np.ndarray | Tensor | None = None) -> Tensor:
     """Per-sequence base advantage A_base, float32 [N], from rewards [N] and group ids [N].
 
     "grpo": ``(R - mean_group) / (std_group + 1e-6)`` (unbiased std, as verl and TRL),
     or ``R - mean_group`` without ``grpo_std_norm``; a group of one gets 0.
-    "reinforce_pp": ``(R - mean_batch) / (std_batch + 1e-6)``. "opd": zeros.
+    "reinforce_pp": ``(R - mean_batch) / (std_batch + 1e-6)`` over sequences.
+    "reinforce_pp_token" (verl's reinforce_plus_plus with gamma = 1): R broadcast over
+    each sequence's ``response_lengths`` [N] tokens and whitened over all of them,
+    ``(R - m) / sqrt(v + 1e-8)`` with ``m`` the token-weighted mean and ``v`` the
+    token-weighted variance times n/(n-1), n the batch's response tokens; every token
+    of a sequence gets the same value, so it stays a per-sequence advantage. "opd": zeros.
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)  # [N]
     group_ids = torch.as_tensor(group_ids).reshape(-1)  # [N]
@@ -46,8 +53,11 @@ def sequence_advantages(rewards: np.ndarray | Tensor, group_ids: np.ndarray | Te
     if cfg.advantage == "reinforce_pp":
         std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
         return ((rewards - rewards.mean()) / (std + _STD_EPS)).float()
+    if cfg.advantage == "reinforce_pp_token":
+        return _token_whitened(rewards, response_lengths)
     if cfg.advantage != "grpo":
-        raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; use opd, grpo or reinforce_pp")
+        raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; use opd, grpo, reinforce_pp or "
+                         "reinforce_pp_token")
     _, group = torch.unique(group_ids, return_inverse=True)  # [N] dense group index
     counts = torch.bincount(group).to(rewards.dtype)  # [G]
     means = torch.zeros_like(counts).index_add_(0, group, rewards) / counts
@@ -56,6 +66,21 @@ def sequence_advantages(rewards: np.ndarray | Tensor, group_ids: np.ndarray | Te
         return centred.float()
     variances = torch.zeros_like(counts).index_add_(0, group, centred**2) / (counts - 1).clamp(min=1)
     return (centred / (variances.sqrt()[group] + _STD_EPS)).float()
+
+
+def _token_whitened(rewards: Tensor, response_lengths: np.ndarray | Tensor | None) -> Tensor:
+    """Rewards [N] whitened over the tokens they are broadcast to (weights = lengths)."""
+    if response_lengths is None:
+        raise ValueError("loss.advantage='reinforce_pp_token' whitens over tokens and needs response_lengths")
+    lengths = torch.as_tensor(response_lengths, dtype=torch.float64).reshape(-1)  # [N]
+    if lengths.shape != rewards.shape:
+        raise ValueError(f"response_lengths {tuple(lengths.shape)} and rewards {tuple(rewards.shape)} differ in length")
+    n = lengths.sum()
+    if n < 2:
+        return torch.zeros(rewards.shape, dtype=torch.float32)
+    mean = (lengths * rewards).sum() / n
+    var = (lengths * (rewards - mean) ** 2).sum() / n * n / (n - 1)
+    return ((rewards - mean) / torch.sqrt(var + _TOKEN_WHITEN_EPS)).float()
 
 
 def discounted_sum(values: Tensor, mask: Tensor, discount: float) -> Tensor:

@@ -110,6 +110,7 @@ class EvalAccumulator:
         results.append(scored)
         if len(results) < self.expected:
             return None
+        results.sort(key=lambda s: s.rollout.rollout_id)  # arrival order is timing; sums must not be
         metrics = self._metrics(version, results)
         self.examples[version] = self._examples(results)
         self.completed[version] = metrics

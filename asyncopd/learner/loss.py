@@ -22,7 +22,8 @@ aggregation (token or sequence mean, with *global* normalisers) of a per-token
 quantity:
 
 - ``L_pg``: ``-w_t * min(rho_t * A_t, clip(rho_t) * A_t)``, ``rho_t = exp(lp - lp_old)``
-  (no clip when ``ppo_clip_*`` are None), ``A_t`` from ``_ADVANTAGES``, ``w_t`` from
+  (no clip when ``ppo_clip_*`` are None; capped at ``-w_t * c * A_t`` for ``A_t < 0``
+  with the dual clip ``ppo_clip_dual = c``), ``A_t`` from ``_ADVANTAGES``, ``w_t`` from
   ``_CORRECTIONS``;
 - ``L_kl``: a sampled-token estimator or the top-k reverse KL (``_KL_LOSSES``);
 - ``H``: the student's entropy per position (an input).
@@ -86,7 +87,7 @@ class LossInputs:
     """bool [B, T]: True on response tokens."""
     adv_base: Tensor | None = None
     """float32 [B, T]: the row's sequence base advantage (:func:`sequence_advantages`)
-    on each of its tokens; needed by advantage "grpo" / "reinforce_pp"."""
+    on each of its tokens; needed by advantage "grpo" / "reinforce_pp" / "reinforce_pp_token"."""
     entropy: Tensor | None = None
     """float32 [B, T]: the student's entropy per position (with grad when
     entropy_coef > 0); None: no entropy bonus, metric 0."""
@@ -181,6 +182,7 @@ _ADVANTAGES: dict[str, Callable[[LossInputs, LossConfig], Tensor]] = {
     "opd": _opd_advantage,
     "grpo": _penalised_base_advantage,
     "reinforce_pp": _penalised_base_advantage,
+    "reinforce_pp_token": _penalised_base_advantage,
 }
 
 
@@ -250,22 +252,33 @@ def importance_weights(lp_old: Tensor, lp_behaviour: Tensor, mask: Tensor, cfg: 
 # --- per-token losses -------------------------------------------------------------------
 
 def policy_gradient_per_token(lp: Tensor, lp_old: Tensor, advantages: Tensor, weights: Tensor,
-                              clip_low: float | None, clip_high: float | None) -> tuple[Tensor, Tensor]:
+                              clip_low: float | None, clip_high: float | None,
+                              clip_dual: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``-w * min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A)`` per token, with
-    ``rho = exp(lp - lp_old)`` (log clamped at +-20); a None bound is not applied.
+    ``rho = exp(lp - lp_old)`` (log clamped at +-20); a None bound is not applied. With
+    ``clip_dual = c`` (dual-clip PPO, verl's clip_ratio_c), tokens with ``A < 0`` have
+    the unweighted term capped at ``-c * A``.
 
     At ``lp == lp_old`` the value is ``-w * A`` and the gradient ``-w * A * grad(lp)``.
-    Returns ``(loss [B, T], clipped [B, T] bool)``; ``clipped`` marks tokens where the
-    clipped branch is the smaller one, so their gradient is zero."""
+    Returns ``(loss [B, T], clipped [B, T] bool, dual_clipped [B, T] bool)``: ``clipped``
+    marks tokens where the clipped branch is the smaller one, ``dual_clipped`` those held
+    at the dual bound; the gradient of both is zero."""
     ratio = torch.exp((lp - lp_old.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # [B, T]
     surrogate = ratio * advantages
-    if clip_low is None and clip_high is None:
-        return -weights * surrogate, torch.zeros_like(surrogate, dtype=torch.bool)
-    clipped_surrogate = ratio.clamp(None if clip_low is None else 1.0 - clip_low,
-                                    None if clip_high is None else 1.0 + clip_high) * advantages
-    clipped = clipped_surrogate < surrogate
-    # where() rather than minimum(): no gradient split at ties, none through the other branch.
-    return -weights * torch.where(clipped, clipped_surrogate, surrogate), clipped
+    clipped = torch.zeros_like(surrogate, dtype=torch.bool)
+    if clip_low is not None or clip_high is not None:
+        clipped_surrogate = ratio.clamp(None if clip_low is None else 1.0 - clip_low,
+                                        None if clip_high is None else 1.0 + clip_high) * advantages
+        clipped = clipped_surrogate < surrogate
+        # where() rather than minimum(): no gradient split at ties, none through the other branch.
+        surrogate = torch.where(clipped, clipped_surrogate, surrogate)
+    per_token = -surrogate  # [B, T]
+    dual_clipped = torch.zeros_like(clipped)
+    if clip_dual is not None:
+        bound = -clip_dual * advantages.detach()  # [B, T], no gradient
+        dual_clipped = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(dual_clipped, bound, per_token)
+    return weights * per_token, clipped, dual_clipped
 
 
 def topk_reverse_kl(topk_lp: Tensor, topk_lp_teacher: Tensor, topk_valid: Tensor) -> Tensor:
@@ -310,14 +323,15 @@ _KL_LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {"k1": _k1, "k2": _k2, "
 
 
 def kl_per_token(x: LossInputs, cfg: LossConfig) -> Tensor | None:
-    """The configured direct KL loss per token on neutral-padded inputs (k1-k3 clamped
-    to ``[-kl_clamp, kl_clamp]`` when set), [B, T]; None for ``kl_loss="none"``."""
+    """The configured direct KL loss per token on neutral-padded inputs (k3 clamped to
+    ``[-kl_clamp, kl_clamp]`` when set, as verl's low_var_kl; k1, k2 and topk never),
+    [B, T]; None for ``kl_loss="none"``."""
     if cfg.kl_loss == "none":
         return None
     if cfg.kl_loss not in _KL_LOSSES:
         raise ValueError(f"loss.kl_loss={cfg.kl_loss!r} is unknown; choose none or one of {sorted(_KL_LOSSES)}")
     kl = _KL_LOSSES[cfg.kl_loss](x)
-    if cfg.kl_clamp is not None and cfg.kl_loss != "topk":
+    if cfg.kl_clamp is not None and cfg.kl_loss == "k3":
         kl = kl.clamp(-cfg.kl_clamp, cfg.kl_clamp)
     return kl
 
@@ -369,7 +383,7 @@ def aggregation_weights(mask: Tensor, aggregation: str, *, global_num_tokens: in
 # --- the objective ----------------------------------------------------------------------
 
 def _metrics(x: LossInputs, advantages: Tensor, correction: ImportanceWeights, ppo_clipped: Tensor,
-             pg: Tensor, kl: Tensor | None) -> dict[str, Tensor]:
+             dual_clipped: Tensor, pg: Tensor, kl: Tensor | None) -> dict[str, Tensor]:
     mask = x.mask
     with torch.no_grad():
         signal = x.lp_teacher - x.lp_old
@@ -384,6 +398,7 @@ def _metrics(x: LossInputs, advantages: Tensor, correction: ImportanceWeights, p
             "learner/is_clip_frac": _masked_mean(correction.capped.float(), mask),
             "learner/is_mask_frac": _masked_mean(correction.dropped.float(), mask),
             "learner/ppo_clip_frac": _masked_mean(ppo_clipped.float(), mask),
+            "learner/ppo_dual_clip_frac": _masked_mean(dual_clipped.float(), mask),
             "learner/entropy": (_masked_mean(x.entropy.detach(), mask) if x.entropy is not None
                                 else pg.new_zeros(())),
             "learner/adv_mean": adv_mean,
@@ -408,7 +423,7 @@ def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
     Metrics (detached means over this micro-batch's masked tokens): ``learner/``
     ``pg_loss``, ``kl_loss`` (0 without), ``rkl`` (lp_old - lp_teacher), ``kl_k3``,
     ``is_ratio_mean`` (raw token ratio), ``is_clip_frac`` (weight capped),
-    ``is_mask_frac`` (dropped by masked IS), ``ppo_clip_frac``, ``entropy`` (0 without),
+    ``is_mask_frac`` (dropped by masked IS), ``ppo_clip_frac``, ``ppo_dual_clip_frac``, ``entropy`` (0 without),
     ``adv_mean``, ``adv_sq_mean``, ``adv_std`` (this micro-batch's). (The top-k
     overlap is a batch metric of the learner: see ``batching.topk_overlap``.)
     """
@@ -419,8 +434,8 @@ def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
     x = _neutral_padding(inputs)
     advantages = token_advantages(x, cfg)  # [B, T]
     correction = importance_weights(x.lp_old, x.lp_behaviour, x.mask, cfg)
-    pg, ppo_clipped = policy_gradient_per_token(x.lp, x.lp_old, advantages, correction.weights,
-                                                cfg.ppo_clip_low, cfg.ppo_clip_high)
+    pg, ppo_clipped, dual_clipped = policy_gradient_per_token(x.lp, x.lp_old, advantages, correction.weights,
+                                                              cfg.ppo_clip_low, cfg.ppo_clip_high, cfg.ppo_clip_dual)
     kl = kl_per_token(x, cfg)
     per_token = cfg.pg_coef * pg  # [B, T]
     if kl is not None:
@@ -428,5 +443,5 @@ def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
     if cfg.entropy_coef > 0:
         per_token = per_token - cfg.entropy_coef * x.entropy
     loss = torch.where(x.mask, weights * per_token, 0.0).sum()
-    metrics = _metrics(x, advantages, correction, ppo_clipped, pg, kl)
+    metrics = _metrics(x, advantages, correction, ppo_clipped, dual_clipped, pg, kl)
     return LossOutput(loss=loss, metrics=metrics, num_tokens=int(x.mask.sum()))

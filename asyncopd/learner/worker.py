@@ -37,6 +37,7 @@ from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, s
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
 from asyncopd.quality import Verdict, collapse_verdict
+from asyncopd.seeds import job_seeds
 from asyncopd.transport import codec
 from asyncopd.transport.discovery import Rendezvous, read_teacher_references
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
@@ -71,7 +72,8 @@ def _train_samples(batch: list[ScoredRollout], loss_cfg: LossConfig) -> list[Tra
     groups / REINFORCE++ whitening) computed over the whole batch."""
     rewards = np.array([s.rollout.reward for s in batch], dtype=np.float32)
     group_ids = np.array([s.rollout.group_id for s in batch], dtype=np.int64)
-    advantages = sequence_advantages(rewards, group_ids, loss_cfg)
+    lengths = np.array([s.rollout.response_ids.shape[0] for s in batch], dtype=np.int64)
+    advantages = sequence_advantages(rewards, group_ids, loss_cfg, response_lengths=lengths)
     return [TrainSample.from_scored(s, adv_base=float(a)) for s, a in zip(batch, advantages)]
 
 
@@ -108,7 +110,7 @@ class Learner:
         self.student_path = student_path
         self.run_dir = cfg.run.run_dir
         self.serve_dtype = cfg.model.student.dtype
-        torch.manual_seed(cfg.learner.seed)
+        torch.manual_seed(job_seeds(cfg).learner)
         self.model = load_student(student_path, torch.float32)  # fp32 master weights; compute in param_dtype
         shard_model(self.model, make_mesh("cpu"), _DTYPES[cfg.learner.param_dtype])
         self.optimizer = make_optimizer(self.model, cfg.learner)

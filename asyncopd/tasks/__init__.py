@@ -83,23 +83,26 @@ def load_task(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_prompt_tokens: int | None = None,
+    replicate: int = 0,
 ) -> Task:
     """Build the task ``cfg`` describes.
 
     ``tokenizer`` and ``max_prompt_tokens`` only matter for JSONL prompts: with both
     given, a prompt longer than ``max_prompt_tokens`` tokens is a load error naming
-    its file and line (rather than a failure deep inside the engine).
+    its file and line (rather than a failure deep inside the engine). ``replicate``
+    (``run.seed``) selects another training-prompt stream (order, and the synthetic
+    problems); the held-out prompts do not depend on it.
     """
     from asyncopd.tasks.addition import AdditionTask
 
     if cfg.name != "addition":
         raise ValueError(f"task.name={cfg.name!r}: unknown task. Fix: use task.name=addition.")
-    synthetic = AdditionTask(cfg)
+    synthetic = AdditionTask(cfg, replicate=replicate)
     if cfg.train_path is None and cfg.eval_path is None:
         return synthetic
 
     from asyncopd.tasks.jsonl import JsonlTask
 
     return JsonlTask.from_config(
-        cfg, synthetic=synthetic, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens
+        cfg, synthetic=synthetic, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, replicate=replicate
     )

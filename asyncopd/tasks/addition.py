@@ -8,8 +8,9 @@ the decimal sum followed by ``<eos>``.
 The held-out set is ``task.num_eval_prompts`` distinct problems drawn from their
 own seeded stream; the training stream skips every problem in it, so evaluation
 never sees a training problem. Training prompt ``i`` is a pure function of
-``(task.seed, i)``, so any shard and any resume cursor are reached without
-replaying the stream.
+``(task.seed, replicate, i)``, so any shard and any resume cursor are reached
+without replaying the stream; ``replicate`` (``run.seed``) draws another training
+stream and leaves the held-out set alone.
 
 This module does not tokenize or train; :mod:`asyncopd.tasks.demo` trains the demo
 models on :func:`sample_operands`.
@@ -53,9 +54,11 @@ def sample_operands(rng: np.random.Generator, n: int, max_digits: int) -> tuple[
 class AdditionTask:
     """The :class:`~asyncopd.tasks.Task` of multi-digit addition."""
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskConfig, *, replicate: int = 0) -> None:
         self.max_digits = cfg.max_digits
         self.seed = cfg.seed
+        # Replicate 0 keeps the stream the task had before replicates existed.
+        self._train_key = f"addition-train:{cfg.seed}" + (f":r{replicate}" if replicate else "")
         self._reward = get_reward(cfg.reward)
         num_problems = (10**cfg.max_digits) ** 2
         if cfg.num_eval_prompts > num_problems // 2:
@@ -81,8 +84,8 @@ class AdditionTask:
         return np.isin(self._key(a, b), self._eval_keys)
 
     def train_prompt(self, index: int) -> Prompt:
-        """Training prompt number ``index`` of the global stream (a pure function of seed, index)."""
-        rng = random.Random(f"addition-train:{self.seed}:{index}")
+        """Training prompt number ``index`` of the global stream (a pure function of seed, replicate, index)."""
+        rng = random.Random(f"{self._train_key}:{index}")
         while True:
             a, b = _draw_operand(rng, self.max_digits), _draw_operand(rng, self.max_digits)
             if (a, b) not in self._eval_set:

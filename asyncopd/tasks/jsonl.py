@@ -128,7 +128,7 @@ class JsonlTask:
     """A :class:`~asyncopd.tasks.Task` over prompt lists (normally read from JSONL files)."""
 
     def __init__(self, train: list[Prompt] | None, eval_: list[Prompt], *, seed: int,
-                 synthetic: Task | None = None, reward: RewardFn = exact_match) -> None:
+                 synthetic: Task | None = None, reward: RewardFn = exact_match, replicate: int = 0) -> None:
         """``train=None`` takes the training stream from ``synthetic``; ``reward`` grades responses."""
         if train is None and synthetic is None:
             raise ValueError("JsonlTask needs training prompts or a synthetic task to draw them from.")
@@ -138,6 +138,7 @@ class JsonlTask:
         self._eval = [Prompt(text=p.text, answer=p.answer, index=i) for i, p in enumerate(eval_)]
         self._synthetic = synthetic
         self._seed = seed
+        self._replicate = replicate
         self._reward = reward
         self._epoch_order: tuple[int, list[int]] | None = None
 
@@ -149,6 +150,7 @@ class JsonlTask:
         synthetic: Task | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         max_prompt_tokens: int | None = None,
+        replicate: int = 0,
     ) -> JsonlTask:
         def load(path: str) -> list[Prompt]:
             return load_jsonl(path, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
@@ -179,13 +181,15 @@ class JsonlTask:
             "JSONL task: %s training prompts, %d held-out prompts",
             len(train) if train is not None else "synthetic", len(eval_),
         )
-        return cls(train, eval_, seed=cfg.seed, synthetic=synthetic, reward=get_reward(cfg.reward))
+        return cls(train, eval_, seed=cfg.seed, synthetic=synthetic, reward=get_reward(cfg.reward),
+                   replicate=replicate)
 
     def _order(self, epoch: int) -> list[int]:
         assert self._train is not None
         if self._epoch_order is None or self._epoch_order[0] != epoch:
             order = list(range(len(self._train)))
-            random.Random(f"jsonl-train:{self._seed}:{epoch}").shuffle(order)
+            key = f"jsonl-train:{self._seed}" + (f":r{self._replicate}" if self._replicate else "")
+            random.Random(f"{key}:{epoch}").shuffle(order)
             self._epoch_order = (epoch, order)
         return self._epoch_order[1]
 

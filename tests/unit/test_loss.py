@@ -19,7 +19,7 @@ from asyncopd.learner.loss import (
     topk_reverse_kl,
 )
 
-ADVANTAGES = ["opd", "grpo", "reinforce_pp"]
+ADVANTAGES = ["opd", "grpo", "reinforce_pp", "reinforce_pp_token"]
 CORRECTIONS = ["tis", "seq_tis", "mask", "decoupled_ppo", "none"]
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 KL_LOSSES = ["none", "k1", "k2", "k3", "topk"]
@@ -116,23 +116,28 @@ def ref_weight(cfg: LossConfig, log_ratio: float, seq_log_ratio: float) -> tuple
     return 1.0, False, False
 
 
-def ref_policy_gradient(cfg: LossConfig, lp: float, lp_old: float, adv: float, w: float) -> tuple[float, float, bool]:
-    """(value, d value / d lp, PPO-clipped) of -w * min(rho A, clip(rho) A)."""
+def ref_policy_gradient(cfg: LossConfig, lp: float, lp_old: float, adv: float,
+                        w: float) -> tuple[float, float, bool, bool]:
+    """(value, d value / d lp, PPO-clipped, dual-clipped) of -w * min(rho A, clip(rho) A),
+    the unweighted term capped at -c A for A < 0 with the dual clip c."""
     log_rho = lp - lp_old
     rho = math.exp(min(max(log_rho, -MAX_LOG_RATIO), MAX_LOG_RATIO))
     d_rho = rho if abs(log_rho) < MAX_LOG_RATIO else 0.0
-    if cfg.ppo_clip_low is None and cfg.ppo_clip_high is None:
-        return -w * rho * adv, -w * d_rho * adv, False
-    low = 1 - cfg.ppo_clip_low if cfg.ppo_clip_low is not None else -math.inf
-    high = 1 + cfg.ppo_clip_high if cfg.ppo_clip_high is not None else math.inf
-    clipped_rho = min(max(rho, low), high)
-    if clipped_rho * adv < rho * adv:  # the clipped branch wins and is flat in lp
-        return -w * clipped_rho * adv, 0.0, True
-    return -w * rho * adv, -w * d_rho * adv, False
+    value, grad, clipped = -rho * adv, -d_rho * adv, False
+    if cfg.ppo_clip_low is not None or cfg.ppo_clip_high is not None:
+        low = 1 - cfg.ppo_clip_low if cfg.ppo_clip_low is not None else -math.inf
+        high = 1 + cfg.ppo_clip_high if cfg.ppo_clip_high is not None else math.inf
+        clipped_rho = min(max(rho, low), high)
+        if clipped_rho * adv < rho * adv:  # the clipped branch wins and is flat in lp
+            value, grad, clipped = -clipped_rho * adv, 0.0, True
+    dual = cfg.ppo_clip_dual is not None and adv < 0 and value > -cfg.ppo_clip_dual * adv
+    if dual:
+        value, grad = -cfg.ppo_clip_dual * adv, 0.0
+    return w * value, w * grad, clipped, dual
 
 
 def ref_sampled_kl(cfg: LossConfig, lp: float, lp_teacher: float) -> tuple[float, float]:
-    """(value, d value / d lp) of the k1/k2/k3 estimator, clamped."""
+    """(value, d value / d lp) of the k1/k2/k3 estimator, k3 clamped (k1, k2 never)."""
     d = lp - lp_teacher
     if cfg.kl_loss == "k1":
         value, grad = d, 1.0
@@ -141,7 +146,7 @@ def ref_sampled_kl(cfg: LossConfig, lp: float, lp_teacher: float) -> tuple[float
     else:
         u = min(max(-d, -MAX_LOG_RATIO), MAX_LOG_RATIO)
         value, grad = math.exp(u) - u - 1, (1 - math.exp(u)) if abs(d) < MAX_LOG_RATIO else 0.0
-    if cfg.kl_clamp is not None and abs(value) > cfg.kl_clamp:
+    if cfg.kl_loss == "k3" and cfg.kl_clamp is not None and abs(value) > cfg.kl_clamp:
         return math.copysign(cfg.kl_clamp, value), 0.0
     return value, grad
 
@@ -183,7 +188,7 @@ def reference(inputs: LossInputs, cfg: LossConfig, num_tokens: int, num_seqs: in
                      "seq-mean-token-sum": 1 / num_seqs}[cfg.aggregation]
             adv = ref_advantage(cfg, signal, on, t, adv_base[b][t])
             w, capped, dropped = ref_weight(cfg, lp_old[b][t] - lp_behaviour[b][t], seq_log_ratio)
-            pg, d_pg, ppo_clipped = ref_policy_gradient(cfg, lp[b][t], lp_old[b][t], adv, w)
+            pg, d_pg, ppo_clipped, dual_clipped = ref_policy_gradient(cfg, lp[b][t], lp_old[b][t], adv, w)
             kl, d_kl = 0.0, 0.0
             if cfg.kl_loss in ("k1", "k2", "k3"):
                 kl, d_kl = ref_sampled_kl(cfg, lp[b][t], lp_teacher[b][t])
@@ -199,6 +204,7 @@ def reference(inputs: LossInputs, cfg: LossConfig, num_tokens: int, num_seqs: in
                                ("kl_k3", math.exp(u) - u - 1),
                                ("is_ratio_mean", math.exp(min(lp_old[b][t] - lp_behaviour[b][t], MAX_LOG_RATIO))),
                                ("is_clip_frac", capped), ("is_mask_frac", dropped), ("ppo_clip_frac", ppo_clipped),
+                               ("ppo_dual_clip_frac", dual_clipped),
                                ("entropy", entropy[b][t]), ("adv_mean", adv), ("adv_sq_mean", adv * adv)):
                 ref.add(f"learner/{key}", float(value))
     return ref
@@ -233,36 +239,49 @@ def check_against_reference(inputs: LossInputs, cfg: LossConfig, *, extra_tokens
     return ref
 
 
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
 @pytest.mark.parametrize("discount", [0.0, 0.8])
 @pytest.mark.parametrize("kl_loss", KL_LOSSES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("correction", CORRECTIONS)
 @pytest.mark.parametrize("advantage", ADVANTAGES)
 def test_every_combination_matches_reference(advantage: str, correction: str, aggregation: str, kl_loss: str,
-                                             discount: float) -> None:
+                                             discount: float, dual_clip: float | None) -> None:
     seed = len(advantage) + 7 * len(correction) + 3 * len(aggregation) + len(kl_loss)
     cfg = make_cfg(advantage=advantage, importance_correction=correction, aggregation=aggregation,
-                   kl_loss=kl_loss, discount=discount)
+                   kl_loss=kl_loss, discount=discount, ppo_clip_dual=dual_clip)
     check_against_reference(make_inputs(seed), cfg)
 
 
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
 @pytest.mark.parametrize(("low", "high"), [(None, None), (0.2, None), (None, 0.28)])
 @pytest.mark.parametrize("correction", ["tis", "seq_tis", "mask", "none"])
-def test_ppo_clip_bounds_can_be_disabled(correction: str, low: float | None, high: float | None) -> None:
-    cfg = make_cfg(importance_correction=correction, ppo_clip_low=low, ppo_clip_high=high, advantage="grpo")
+def test_ppo_clip_bounds_can_be_disabled(correction: str, low: float | None, high: float | None,
+                                         dual_clip: float | None) -> None:
+    cfg = make_cfg(importance_correction=correction, ppo_clip_low=low, ppo_clip_high=high, advantage="grpo",
+                   ppo_clip_dual=dual_clip)
     check_against_reference(make_inputs(11), cfg)
 
 
 @pytest.mark.parametrize("kl_loss", ["k1", "k2", "k3"])
 def test_kl_clamp_matches_reference(kl_loss: str) -> None:
+    """The clamp acts on k3 only (verl's low_var_kl); k1 and k2 are never clamped."""
     inputs = make_inputs(12)
     cfg = make_cfg(kl_loss=kl_loss, kl_clamp=0.3, pg_coef=0.0)
     check_against_reference(inputs, cfg)
+    unclamped = check_against_reference(make_inputs(12), make_cfg(kl_loss=kl_loss, kl_clamp=None, pg_coef=0.0))
+    clamped = reference(inputs, cfg, 30, 5)
+    assert (clamped.metrics()["learner/kl_loss"] != unclamped.metrics()["learner/kl_loss"]) == (kl_loss == "k3")
     # The clamp is exercised: some tokens sit beyond it, some inside.
     values = [ref_sampled_kl(make_cfg(kl_loss=kl_loss), lp, lt)[0] for lp, lt, on in
               zip(inputs.lp.flatten().tolist(), inputs.lp_teacher.flatten().tolist(), inputs.mask.flatten().tolist())
               if on]
     assert any(abs(v) > 0.3 for v in values) and any(abs(v) < 0.3 for v in values)
+
+
+def test_dual_clip_is_exercised_by_the_fixture() -> None:
+    metrics = reference(make_inputs(3), make_cfg(advantage="grpo", ppo_clip_dual=1.5), 10, 3).metrics()
+    assert 0.02 < metrics["learner/ppo_dual_clip_frac"] < 0.5
 
 
 def test_fixture_exercises_every_branch() -> None:
@@ -383,6 +402,13 @@ def test_sequence_advantages() -> None:
     assert single.tolist() == [0.0, 0.0]  # a group of one has no baseline to beat
     batch = sequence_advantages(rewards, groups, make_cfg(advantage="reinforce_pp"))
     torch.testing.assert_close(batch, torch.tensor((rewards - rewards.mean()) / (np.std(rewards, ddof=1) + 1e-6)))
+    lengths = np.array([1, 2, 3, 1, 1, 4, 2])
+    tokens = np.repeat(rewards.astype(np.float64), lengths)  # the reward broadcast to every token
+    want = (rewards - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
+    by_token = sequence_advantages(rewards, groups, make_cfg(advantage="reinforce_pp_token"), response_lengths=lengths)
+    torch.testing.assert_close(by_token, torch.tensor(want, dtype=torch.float32))
+    with pytest.raises(ValueError, match="needs response_lengths"):
+        sequence_advantages(rewards, groups, make_cfg(advantage="reinforce_pp_token"))
     assert sequence_advantages(rewards, groups, make_cfg()).tolist() == [0.0] * 7
     assert sequence_advantages(np.array([math.nan]), np.array([0]), make_cfg()).tolist() == [0.0]
     with pytest.raises(ValueError, match="task.reward"):

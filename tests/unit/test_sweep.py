@@ -42,6 +42,7 @@ def test_each_job_gets_its_own_validated_config_and_run_directory(tmp_path) -> N
     (["learner.lr=interval(0.1,0.2)"], r"an interval sweep has no finite list of values"),
     (["learner.lr=1e-4"], r"-m/--multirun without a swept value"),
     (["learner.lr=[1,"], r"Fix: write sweeps as key=a,b,c"),
+    (["run.seed=0,1", "run.seeds=2"], r"run.seeds=2 with a swept run.seed: two ways of giving replicates"),
 ])
 def test_a_sweep_that_cannot_run_fails_before_any_job(overrides, expected) -> None:
     with pytest.raises(ConfigError, match=expected):
@@ -70,3 +71,23 @@ def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path) -> None:
     assert [(j["job"], j["returncode"], j["summary"] is not None) for j in jobs] == [
         ("async.max_staleness=0", 0, True), ("async.max_staleness=1", 1, False), ("async.max_staleness=2", 0, True)]
     assert Path(jobs[2]["run_dir"]) == tmp_path / "async.max_staleness=2"
+
+
+def test_replicates_run_each_combination_once_per_seed_in_its_own_directory(tmp_path) -> None:
+    base, jobs = plan(OPTIONS, ["async.max_staleness=0,2", "run.seeds=2", f"run.dir={tmp_path}"], compose_config)
+    assert [(tag, cfg.run.seed, cfg.run.run_dir) for tag, _, cfg in jobs] == [
+        ("async.max_staleness=0", 0, tmp_path / "async.max_staleness=0" / "seed=0"),
+        ("async.max_staleness=0", 1, tmp_path / "async.max_staleness=0" / "seed=1"),
+        ("async.max_staleness=2", 0, tmp_path / "async.max_staleness=2" / "seed=0"),
+        ("async.max_staleness=2", 1, tmp_path / "async.max_staleness=2" / "seed=1")]
+    assert all(cfg.run.seeds == 1 for _, _, cfg in jobs)  # a job never starts replicates of its own
+    assert compose_config(jobs[1][1]) == jobs[1][2]
+    # The swept form gives the same jobs.
+    _, swept = plan(OPTIONS, ["async.max_staleness=0,2", "run.seed=range(2)", f"run.dir={tmp_path}"], compose_config)
+    assert [(t, c.run.seed, c.run.run_dir) for t, _, c in swept] == [(t, c.run.seed, c.run.run_dir) for t, _, c in jobs]
+
+
+def test_replicates_alone_are_a_sweep_of_one_combination(tmp_path) -> None:
+    _, jobs = plan(OPTIONS, ["run.seeds=3", "run.seed=4", f"run.dir={tmp_path}"], compose_config)
+    assert [(cfg.run.seed, cfg.run.run_dir) for _, _, cfg in jobs] == [
+        (4, tmp_path / "seed=4"), (5, tmp_path / "seed=5"), (6, tmp_path / "seed=6")]
