@@ -47,7 +47,7 @@ class _ReverseKL(torch.autograd.Function):
         ctx.save_for_backward(logits, teacher_logprobs)
         log_p = torch.log_softmax(logits, dim=-1)
         diff = log_p - teacher_logprobs
-        return torch.linalg.vecdot(log_p.exp_(), diff)
+        return diff.mul_(log_p.exp_()).sum(-1)  # in place: two [n, V] buffers in all
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -55,7 +55,7 @@ class _ReverseKL(torch.autograd.Function):
         log_p = torch.log_softmax(logits, dim=-1)
         diff = log_p - teacher_logprobs
         p = log_p.exp_()
-        kl = torch.linalg.vecdot(p, diff)
+        kl = (p * diff).sum(-1)
         return p.mul_(diff.sub_(kl.unsqueeze(-1))).mul_(grad.unsqueeze(-1)), None
 
 
@@ -98,12 +98,14 @@ def teacher_chunk_fn(teacher_hidden: Tensor, teacher_head: nn.Module, input_ids:
                 if vocab_size is None and teacher_logits.shape[-1] != logits.shape[-1]:
                     raise ValueError(f"teacher head width {teacher_logits.shape[-1]} differs from the student's "
                                      f"{logits.shape[-1]}; pass vocab_size (the shared tokenizer's ids)")
-                teacher_lp = torch.log_softmax(teacher_logits[:, :width], dim=-1).clamp_(min=MIN_TEACHER_LOGPROB)
+                teacher_lp = teacher_logits[:, :width]
+                teacher_lp = teacher_lp.sub_(teacher_lp.logsumexp(-1, keepdim=True)).clamp_(min=MIN_TEACHER_LOGPROB)
                 targets = flat_targets[start:stop][rows]  # [m]
                 picked = teacher_lp.gather(1, targets.clamp(max=width - 1)[:, None]).squeeze(1)
                 picked = torch.where(targets < width, picked, MIN_TEACHER_LOGPROB)  # an id the teacher lacks
                 lp_teacher = lp_teacher.index_put((rows,), picked)
-            kl = kl.index_put((rows,), _ReverseKL.apply(logits[rows][:, :width], teacher_lp))
+            student = logits if rows.numel() == logits.shape[0] else logits[rows]  # no copy when all rows count
+            kl = kl.index_put((rows,), _ReverseKL.apply(student[:, :width], teacher_lp))
         return torch.stack([kl, lp_teacher], dim=-1)  # [n, 2]
 
     return chunk_fn
