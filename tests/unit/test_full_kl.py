@@ -291,3 +291,24 @@ def test_colocated_full_kl_is_a_valid_job() -> None:
     cfg = from_dict({"teacher": {"backend": "colocated"}, "cluster": {"teachers": 0},
                      "loss": {"kl_loss": "full", "pg_coef": 0.0}})
     assert cfg.cluster.world_size == 2 and cfg.loss.kl_loss == "full"
+
+
+def test_train_step_with_a_colocated_teacher_scores_for_the_opd_advantage(models: tuple[Path, Path]) -> None:
+    """Without kl_loss=full the in-process teacher still replaces the NaN placeholders:
+    learner/rkl is the dense mean of lp_student - lp_teacher on the sampled tokens."""
+    student_path, teacher_path = models
+    student = AutoModelForCausalLM.from_pretrained(str(student_path), dtype=torch.float32)
+    student.config.use_cache = False
+    teacher = ColocatedTeacher(teacher_path)
+    samples = [TrainSample.from_scored(_scored(_rollout(i, [5 + i, 9], [7 + i, 30, 8]))) for i in range(3)]
+    mb = pack_micro_batches(samples, 10_000)[0]
+    with torch.no_grad():
+        def picked(model: nn.Module) -> torch.Tensor:
+            lp = torch.log_softmax(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, -1)
+            return lp[:, :-1].gather(-1, mb.input_ids[:, 1:, None]).squeeze(-1)[mb.response_mask[:, :-1]]
+        want = (picked(student) - picked(teacher.model)).mean().item()
+    learner_cfg = LearnerConfig(lr=1e-3)
+    metrics = train_step(student, make_optimizer(student, learner_cfg), samples, LossConfig(), learner_cfg,
+                         teacher=teacher)
+    assert metrics["learner/rkl"] == pytest.approx(want, rel=1e-4)
+    assert np.isfinite(metrics["learner/loss"]) and metrics["learner/kl_loss"] == 0.0
