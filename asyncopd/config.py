@@ -82,7 +82,8 @@ class ClusterConfig:
     actors: int = 1
     """Number of actor ranks, one vLLM engine each."""
     teachers: int = 1
-    """Number of teacher-pool ranks, one scorer each."""
+    """Number of teacher-pool ranks, one scorer each. 0 exactly when
+    teacher.backend=colocated (the teacher then runs inside every learner rank)."""
     host: str = "127.0.0.1"
     """Address every role binds its ZeroMQ sockets to and advertises. Loopback for
     single-node jobs; set to this node's reachable address for multi-node jobs."""
@@ -106,7 +107,8 @@ class ClusterConfig:
     ``python -m asyncopd.launch`` makes a key in memory for its single-node job."""
 
     def __post_init__(self) -> None:
-        _check_positive("cluster", self, "learners", "actors", "teachers")
+        _check_positive("cluster", self, "learners", "actors")
+        _check_positive("cluster", self, "teachers", allow_zero=True)
         _check_positive("cluster", self, "learner_threads", "actor_threads", "teacher_threads")
         _check_positive("cluster", self, "startup_timeout_s")
 
@@ -256,12 +258,18 @@ class ActorConfig:
 class TeacherConfig:
     """The teacher pool: how rollouts are scored."""
 
-    backend: Literal["hf", "vllm_http"] = "hf"
+    backend: Literal["hf", "vllm_http", "colocated"] = "hf"
     """Scoring backend. "hf": each teacher rank loads model.teacher.path and runs a
     transformers forward over prompt+response. "vllm_http": each teacher rank is a
     client of an OpenAI-compatible vLLM server (``vllm serve <teacher>``, anywhere
     reachable) at teacher.url and scores with ``prompt_logprobs``; no model is loaded
-    here (see asyncopd/teacher/http.py)."""
+    here (see asyncopd/teacher/http.py). "colocated": no teacher ranks
+    (cluster.teachers=0); every learner rank holds a frozen replica of
+    model.teacher.path and scores each micro-batch inside the train step, from the
+    teacher's whole next-token distribution (what loss.kl_loss=full needs); actors
+    send rollouts to learner rank 0, which also scores the held-out evaluation
+    rollouts (see asyncopd/learner/teacher.py). The teacher must fit on every learner
+    device beside the student."""
     max_batch_tokens: int = 8192
     """Token budget of one scoring forward (prompt+response tokens, padded)."""
     batch_wait_s: float = 0.0
@@ -331,11 +339,15 @@ class TeacherConfig:
 
     def _check_backend(self) -> None:
         http_fields = ("url", "served_model", "tokenizer", "api_key_env")
-        if self.backend == "hf":
+        if self.backend in ("hf", "colocated"):
             for name in http_fields:
                 if getattr(self, name) is not None:
                     _fail(f"teacher.{name}", getattr(self, name), "is used only by teacher.backend=vllm_http",
                           f"set teacher.backend=vllm_http to score on that server, or remove teacher.{name}")
+            if self.backend == "colocated" and self.top_k:
+                _fail("teacher.top_k", self.top_k,
+                      "teacher.backend=colocated has the teacher's whole distribution in the learner, so no "
+                      "top-k travels", "set teacher.top_k=0 and use loss.kl_loss=full (the exact reverse KL)")
             return
         if self.url is None:
             _fail("teacher.url", None, "teacher.backend=vllm_http needs the server's address",
@@ -412,19 +424,23 @@ class LossConfig:
     grpo_std_norm: bool = True
     """GRPO: divide the group-centred reward by the group's standard deviation (+1e-6);
     False = Dr. GRPO style, centring only."""
-    kl_loss: Literal["none", "k1", "k2", "k3", "topk"] = "none"
+    kl_loss: Literal["none", "k1", "k2", "k3", "topk", "full"] = "none"
     """Direct KL loss L_kl with gradient through the student (KDRL / pure KD). On the
     sampled tokens, with d = lp - lp_teacher: "k1" = d, "k2" = d^2 / 2 (its gradient is
     the reverse KL's), "k3" = exp(-d) + d - 1 (verl low_var_kl; its gradient is the
     forward KL's). "topk": the exact reverse KL over the union of teacher and student
-    top-k ids plus one tail bucket (needs teacher.top_k > 0). "none": no KL loss.
+    top-k ids plus one tail bucket (needs teacher.top_k > 0). "full": the exact reverse
+    KL sum_v p_s(v) (log p_s(v) - log p_t(v)) over the whole vocabulary at every
+    response position (TRL DistillationTrainer / GKD with beta=1), computed chunk by
+    chunk in the learner's vocabulary pass (needs teacher.backend=colocated: full
+    distributions do not travel). "none": no KL loss.
     k1's expected gradient on on-policy samples is zero: use it as a metric or an
     advantage, rarely as a loss."""
     kl_clamp: float | None = 10.0
     """Clamp of the k3 estimator to [-kl_clamp, kl_clamp] (nats; gradient zero outside),
     as verl's low_var_kl, whose clamp is 10: a token whose teacher log-prob exceeds the
     student's by more than ~2.4 nats stops pushing. k1 and k2 are never clamped (verl
-    neither). None = k3 unclamped."""
+    neither), nor are the exact "topk" and "full". None = k3 unclamped."""
     pg_coef: float = 1.0
     """Weight of the policy-gradient term (AReaL rl_weight); 0 = pure distillation
     by kl_loss."""
@@ -685,10 +701,34 @@ class JobConfig:
                   + "the advantage is built from rewards but task.reward='none' gives none",
                   "choose a reward function in task.reward (e.g. exact_match), or distil without rewards: "
                   "loss.advantage=opd (with loss.pg_coef=0 and a loss.kl_loss for pure KD)")
+        self._check_teacher_placement()
         if loss.kl_loss == "topk" and self.teacher.top_k == 0:
             _fail("loss.kl_loss", loss.kl_loss,
                   "the top-k reverse KL needs the teacher's top-k log-probs but teacher.top_k=0",
                   "set teacher.top_k > 0 (e.g. 16), or use a sampled-token loss.kl_loss such as k3")
+
+    def _check_teacher_placement(self) -> None:
+        """Teacher ranks exist exactly when the teacher does not run in the learner, and
+        the full-vocabulary KL needs the teacher in the learner."""
+        colocated = self.teacher.backend == "colocated"
+        if colocated and self.cluster.teachers:
+            _fail("cluster.teachers", self.cluster.teachers,
+                  "teacher.backend=colocated runs the teacher inside every learner rank, so teacher ranks "
+                  "would have nothing to do", "set cluster.teachers=0")
+        if not colocated and not self.cluster.teachers:
+            _fail("cluster.teachers", 0, f"teacher.backend={self.teacher.backend} scores rollouts on teacher "
+                  "ranks, and there are none",
+                  "set cluster.teachers >= 1, or teacher.backend=colocated to run the teacher in the learner")
+        if self.loss.kl_loss == "full" and not colocated:
+            _fail("loss.kl_loss", "full",
+                  "the exact reverse KL over the full vocabulary needs the teacher's whole next-token "
+                  f"distribution at every position, which teacher.backend={self.teacher.backend} (remote teacher "
+                  "ranks or a server) cannot send: only sampled-token log-probs and a top-k travel",
+                  "run the teacher in the learner with teacher.backend=colocated cluster.teachers=0, or, with "
+                  "remote teachers, use the top-k reverse KL: teacher.top_k=16 loss.kl_loss=topk")
+        if self.loss.kl_loss == "topk" and colocated:
+            _fail("loss.kl_loss", "topk", "teacher.backend=colocated computes the exact KL over the whole "
+                  "vocabulary instead of a top-k", "use loss.kl_loss=full")
 
     @property
     def buffer_capacity(self) -> int:

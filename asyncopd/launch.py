@@ -8,7 +8,7 @@
         └─ torchrun --nproc-per-node=L+A+T -m asyncopd.launch ...
               rank [0, L)        learner  (FSDP2 group; rank 0: buffer, metrics, weights out)
               rank [L, L+A)      actor    (vLLM engine)
-              rank [L+A, L+A+T)  teacher  (scorer)
+              rank [L+A, L+A+T)  teacher  (scorer; none with teacher.backend=colocated)
 
 Every rank composes the same config (hydra Compose API: ``configs/<name>.yaml``
 plus overrides), converts it to the typed :class:`~asyncopd.config.JobConfig`
@@ -242,7 +242,8 @@ def _run_rank(cfg: JobConfig) -> None:
         buffer = StalenessBuffer(batch_size=cfg.learner.batch_size, max_staleness=cfg.async_.max_staleness,
                                  capacity=cfg.buffer_capacity)
         task = load_task(cfg.task)
-        run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()))
+        run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()),
+                    teacher_path=teacher)
     elif role == "actor":
         from asyncopd.actor.worker import run_actor
 

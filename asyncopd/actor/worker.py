@@ -3,7 +3,8 @@
 Loop, one engine step at a time::
 
     control inbox ─WeightUpdate─> (join weight broadcast) ─> engine.load_weights
-    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (DEALER)
+    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (DEALER; learner
+                                                   rank 0 with teacher.backend=colocated)
                                                    teacher ─ScoreAck─> retry / degrade
 
 Admission (slots). Each optimiser step ``k`` takes ``batch_size / num_actors``
@@ -343,6 +344,8 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
     rendezvous.publish(f"actor/{index}/inbox", inbox.address)
     teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]
+    if cfg.teacher.backend == "colocated":  # no teacher ranks: learner rank 0 takes the rollouts
+        teachers = [rendezvous.lookup("learner/rollouts")]
     dealer = Channel(zmq.DEALER, connect=teachers, identity=f"actor-{index}".encode())
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
     weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)

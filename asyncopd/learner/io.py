@@ -8,6 +8,13 @@ results, actor telemetry, weight announcements and shutdown.
                                                     └─> latest ActorStats per actor
     WeightUpdate / Shutdown ─> PUSH to each actor's and teacher's control inbox
 
+With an in-process teacher (``teacher.backend=colocated``, no teacher ranks) the
+actors' DEALERs connect to a ROUTER here instead::
+
+    actors ─Rollout─> ROUTER ─train─> ScoredRollout with NaN teacher log-probs ─> buffer
+                        │               (the train step scores it), ScoreAck at once
+                        └──eval──> score (the learner's teacher) ─> EvalAccumulator, ScoreAck
+
 The buffer is injected by the launcher (roles do not import each other).
 """
 
@@ -15,15 +22,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
 import zmq
 
+from asyncopd import trace
 from asyncopd.config import JobConfig
 from asyncopd.learner.evaluation import EvalAccumulator
+from asyncopd.learner.teacher import placeholder_teacher_logprobs
 from asyncopd.transport.discovery import Rendezvous
-from asyncopd.transport.sockets import Channel
-from asyncopd.types import ActorStats, ScoredRollout, Shutdown, WeightUpdate
+from asyncopd.transport.sockets import Channel, poll
+from asyncopd.types import ActorStats, Rollout, ScoreAck, ScoredRollout, Shutdown, WeightUpdate
 
 __all__ = ["LearnerIO"]
 
@@ -32,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 class LearnerIO:
     def __init__(self, cfg: JobConfig, rendezvous: Rendezvous, *, buffer, evaluation: EvalAccumulator,
-                 on_eval: Callable[[dict[str, float]], None]) -> None:
+                 on_eval: Callable[[dict[str, float]], None],
+                 score: Callable[[Sequence[Rollout]], list[np.ndarray]] | None = None) -> None:
+        """``score``: the in-process teacher's sampled-token log-probs of rollouts
+        (teacher.backend=colocated; rank 0 then receives the actors' rollouts itself)."""
         self.cfg = cfg
         self.rendezvous = rendezvous
         self.buffer = buffer
@@ -40,6 +54,11 @@ class LearnerIO:
         self.on_eval = on_eval
         self.inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
         rendezvous.publish("learner/inbox", self.inbox.address)
+        self.score = score
+        self.rollouts: Channel | None = None
+        if cfg.teacher.backend == "colocated":
+            self.rollouts = Channel(zmq.ROUTER, bind_host=cfg.cluster.host)
+            rendezvous.publish("learner/rollouts", self.rollouts.address)
         self.actor_controls = [Channel(zmq.PUSH, connect=[rendezvous.lookup(f"actor/{i}/inbox")])
                                for i in range(cfg.cluster.actors)]
         self.teacher_controls = [Channel(zmq.PUSH, connect=[rendezvous.lookup(f"teacher/{j}/inbox")])
@@ -50,6 +69,10 @@ class LearnerIO:
 
     def pump(self, timeout_s: float, learner_version: int) -> None:
         """Route whatever arrives within ``timeout_s`` (then everything queued)."""
+        if self.rollouts is not None:
+            poll([self.inbox, self.rollouts], timeout_s)
+            self._receive_rollouts(learner_version)
+            timeout_s = 0.0
         received = self.inbox.recv(timeout_s=timeout_s)
         while received is not None:
             message = received[1]
@@ -67,6 +90,47 @@ class LearnerIO:
                 self.num_unexpected += 1
                 logger.warning("learner inbox: ignored a %s", type(message).__name__)
             received = self.inbox.recv(timeout_s=0.0)
+
+    def _receive_rollouts(self, learner_version: int) -> None:
+        """Colocated teacher: take the actors' rollouts, acknowledge training ones at once
+        (scored later, in the train step) and score evaluation ones now."""
+        assert self.rollouts is not None and self.score is not None
+        evals: list[tuple[bytes, Rollout]] = []
+        while (received := self.rollouts.recv(timeout_s=0.0)) is not None:
+            identity, rollout = received
+            if not isinstance(rollout, Rollout) or identity is None:
+                self.rollouts.num_rejected += 1
+                logger.warning("learner rollout socket: ignored a %s", type(rollout).__name__)
+                continue
+            if rollout.kind != "train":
+                evals.append((identity, rollout))
+                continue
+            self.buffer.put(ScoredRollout(rollout=rollout, teacher_logprobs=placeholder_teacher_logprobs(rollout),
+                                          teacher_index=-1, score_s=0.0, policy_version=rollout.policy_version),
+                            learner_version)
+            self._ack(identity, rollout, None)
+        if not evals:
+            return
+        try:
+            with trace.span("score", rollouts=len(evals)):
+                scores = self.score([rollout for _, rollout in evals])
+        except Exception as exc:  # the actors retry (teacher.max_retries), then degrade
+            logger.exception("learner: scoring %d evaluation rollouts failed", len(evals))
+            for identity, rollout in evals:
+                self._ack(identity, rollout, f"{type(exc).__name__}: {exc}"[:500])
+            return
+        for (identity, rollout), logprobs in zip(evals, scores):
+            metrics = self.evaluation.add(ScoredRollout(rollout=rollout, teacher_logprobs=logprobs, teacher_index=-1,
+                                                        score_s=0.0, policy_version=rollout.policy_version))
+            self._ack(identity, rollout, None)
+            if metrics is not None:
+                self.last_eval = metrics
+                self.on_eval(metrics)
+
+    def _ack(self, identity: bytes, rollout: Rollout, error: str | None) -> None:
+        assert self.rollouts is not None
+        self.rollouts.send(ScoreAck(rollout_id=rollout.rollout_id, ok=error is None,
+                                    policy_version=rollout.policy_version, error=error), identity=identity)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
         while (batch := self.buffer.next_batch(step)) is None:
@@ -116,5 +180,7 @@ class LearnerIO:
 
     def close(self) -> None:
         self.inbox.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
         for channel in (*self.actor_controls, *self.teacher_controls):
             channel.close(linger_s=2.0)  # let a queued Shutdown leave

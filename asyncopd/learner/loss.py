@@ -25,7 +25,9 @@ quantity:
   (no clip when ``ppo_clip_*`` are None; capped at ``-w_t * c * A_t`` for ``A_t < 0``
   with the dual clip ``ppo_clip_dual = c``), ``A_t`` from ``_ADVANTAGES``, ``w_t`` from
   ``_CORRECTIONS``;
-- ``L_kl``: a sampled-token estimator or the top-k reverse KL (``_KL_LOSSES``);
+- ``L_kl``: a sampled-token estimator, the top-k reverse KL, or the exact reverse KL
+  over the full vocabulary computed by the learner's vocabulary pass against an
+  in-process teacher (``full_kl``; see :mod:`asyncopd.learner.full_kl`) (``_KL_LOSSES``);
 - ``H``: the student's entropy per position (an input).
 
 Each option is one entry of a small dispatch table; every combination is
@@ -99,6 +101,10 @@ class LossInputs:
     topk_valid: Tensor | None = None
     """bool [B, T, K]: True where the candidate id exists (K = 2k: teacher top-k, then
     the student's top-k ids the teacher lacks, -1 padded)."""
+    full_kl: Tensor | None = None
+    """float32 [B, T]: the exact reverse KL over the whole vocabulary at each position
+    (with grad through the student), from :func:`asyncopd.learner.full_kl.teacher_chunk_fn`;
+    needed by kl_loss "full"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +163,7 @@ def _neutral_padding(inputs: LossInputs) -> LossInputs:
                       topk_lp=on_valid(inputs.topk_lp),
                       topk_lp_teacher=on_valid(None if inputs.topk_lp_teacher is None
                                                else inputs.topk_lp_teacher.detach()),
-                      topk_valid=valid)
+                      topk_valid=valid, full_kl=on_mask(inputs.full_kl, 0.0))
 
 
 # --- advantages ------------------------------------------------------------------------
@@ -318,8 +324,16 @@ def _topk(x: LossInputs) -> Tensor:
     return topk_reverse_kl(x.topk_lp, x.topk_lp_teacher, x.topk_valid)
 
 
+def _full(x: LossInputs) -> Tensor:
+    if x.full_kl is None:
+        raise ValueError("loss.kl_loss='full' needs LossInputs.full_kl (an in-process teacher: "
+                         "teacher.backend=colocated)")
+    return x.full_kl
+
+
 # loss.kl_loss -> (neutral-padded inputs) -> per-token KL [B, T] with grad through the student.
-_KL_LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3, "topk": _topk}
+_KL_LOSSES: dict[str, Callable[[LossInputs], Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3, "topk": _topk,
+                                                          "full": _full}
 
 
 def kl_per_token(x: LossInputs, cfg: LossConfig) -> Tensor | None:

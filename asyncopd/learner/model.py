@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ __all__ = [
     "make_mesh",
     "shard_model",
     "TokenStats",
+    "ChunkFn",
     "token_stats",
     "token_logprobs",
     "iter_full_weights",
@@ -119,26 +120,40 @@ class TokenStats:
     """float32 [B, T]: entropy of the whole next-token distribution (with grad)."""
     topk_logprobs: Tensor | None = None
     """float32 [B, T, K]: log p of each id in ``topk_ids``; -inf where the id is -1."""
+    extra: Tensor | None = None
+    """float32 [B, T, E]: what ``chunk_fn`` returned for each position (0 at the last)."""
+
+
+ChunkFn = Callable[[Tensor, int, int], Tensor]
+"""An extra per-position statistic computed from each chunk's logits:
+``(logits [n, V] float32 of flat positions [start, stop), start, stop) -> [n, E]``.
+Flat position ``i`` is ``(b, t) = divmod(i, seq - 1)``. Under autograd it runs
+again in backward (the chunk is recomputed), so it must be deterministic."""
 
 
 def _chunk_stats(head: nn.Module, hidden: Tensor, targets: Tensor, topk_ids: Tensor, temperature: float,
-                 want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 want_entropy: bool, chunk_fn: ChunkFn | None = None,
+                 start: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One chunk: hidden [N, H], targets [N], topk_ids [N, K] (K may be 0, -1 = none)
-    -> (log p(target) [N], entropy [N] or [0], log p(topk ids) [N, K]), float32."""
+    -> (log p(target) [N], entropy [N] or [0], log p(topk ids) [N, K],
+    chunk_fn's [N, E] or [N, 0]), float32."""
     logits = head(hidden).float()  # [N, V]
     if temperature != 1.0:
         logits = logits / temperature
+    extra = (logits.new_zeros(logits.shape[0], 0) if chunk_fn is None
+             else chunk_fn(logits, start, start + logits.shape[0]))
     log_z = torch.logsumexp(logits, dim=-1)  # [N]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # [N]
     entropy = (log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)) if want_entropy else logits.new_zeros(0)
     valid = topk_ids >= 0  # [N, K]
     topk = logits.gather(-1, topk_ids.clamp(min=0)) - log_z.unsqueeze(-1)  # [N, K]
     topk = torch.where(valid, topk, torch.full_like(topk, -math.inf))
-    return picked, entropy, topk
+    return picked, entropy, topk, extra
 
 
 def _token_stats_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, topk_ids: Tensor | None,
-                      chunk_tokens: int, temperature: float, want_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+                      chunk_tokens: int, temperature: float, want_entropy: bool,
+                      chunk_fn: ChunkFn | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, seq = input_ids.shape
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               use_cache=False).last_hidden_state  # [B, T, H]
@@ -152,7 +167,7 @@ def _token_stats_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     pieces = []
     for start in range(0, num, chunk_tokens):
         args = (head, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens],
-                flat_topk[start:start + chunk_tokens], temperature, want_entropy)
+                flat_topk[start:start + chunk_tokens], temperature, want_entropy, chunk_fn, start)
         if torch.is_grad_enabled():
             # Recompute the chunk's [n, V] logits in backward instead of keeping them all.
             pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
@@ -167,11 +182,13 @@ def _token_stats_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     logprobs = assemble([p[0] for p in pieces])  # [B, T]
     entropy = assemble([p[1] for p in pieces]) if want_entropy else logprobs.new_zeros(0)
     topk = assemble([p[2] for p in pieces], k)  # [B, T, K]
-    return logprobs, entropy, topk
+    extra = assemble([p[3] for p in pieces], pieces[0][3].shape[-1])  # [B, T, E]
+    return logprobs, entropy, topk, extra
 
 
 def token_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, topk_ids: Tensor | None = None,
-                entropy: bool = False, chunk_tokens: int = 1024, temperature: float = 1.0) -> TokenStats:
+                entropy: bool = False, chunk_tokens: int = 1024, temperature: float = 1.0,
+                chunk_fn: ChunkFn | None = None) -> TokenStats:
     """The student's next-token log-probs and, on request, entropies and the
     log-probs of given candidate ids, in one chunked pass over the vocabulary.
 
@@ -180,7 +197,9 @@ def token_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, 
     The vocabulary projection and log-softmax run over chunks of ``chunk_tokens``
     positions (recomputed in backward under autograd), so the full ``[B*T, V]``
     logits never exist at once. ``temperature`` divides the logits (match the
-    actors' sampling temperature for importance ratios). Works on plain and
+    actors' sampling temperature for importance ratios). ``chunk_fn`` adds a
+    statistic of each chunk's logits (:data:`ChunkFn`; e.g. the full-vocabulary
+    reverse KL to an in-process teacher) as ``TokenStats.extra``. Works on plain and
     :func:`shard_model`-ed models; on a sharded model every rank must call it the
     same number of times.
     """
@@ -192,17 +211,18 @@ def token_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, 
         raise ValueError(f"topk_ids must be [batch, seq, k] matching input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(topk_ids.shape)}")
     fsdp_method = getattr(model, _STATS_METHOD, None)
-    args = (input_ids, attention_mask, topk_ids, chunk_tokens, temperature, entropy)
+    args = (input_ids, attention_mask, topk_ids, chunk_tokens, temperature, entropy, chunk_fn)
     if fsdp_method is None:
-        logprobs, ent, topk = _token_stats_impl(model, *args)
+        logprobs, ent, topk, extra = _token_stats_impl(model, *args)
     else:
-        logprobs, ent, topk = fsdp_method(*args)
+        logprobs, ent, topk, extra = fsdp_method(*args)
         if not torch.is_grad_enabled() and isinstance(model, FSDPModule):
             # No backward will reshard the root: do it now, or a later optimizer step
             # would leave the root's unsharded copy stale.
             model.reshard()
     return TokenStats(logprobs=logprobs, entropy=ent if entropy else None,
-                      topk_logprobs=topk if topk_ids is not None else None)
+                      topk_logprobs=topk if topk_ids is not None else None,
+                      extra=extra if chunk_fn is not None else None)
 
 
 def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,

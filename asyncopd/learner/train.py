@@ -4,7 +4,8 @@
 share of the batch, deals it into ``learner.mini_batches`` mini-batches and runs
 ``learner.ppo_epochs`` passes over them; each mini-batch is one optimiser update:
 for each of its token-budgeted micro-batches, recompute the student's log-probs
-(and entropies, and top-k candidate log-probs), build the configured loss
+(and entropies, and top-k candidate log-probs; with an in-process teacher, the
+teacher's log-probs and the full-vocabulary reverse KL), build the configured loss
 (:mod:`asyncopd.learner.loss`), accumulate gradients; then clip, step, zero.
 Metrics come back identical on every learner rank.
 
@@ -46,6 +47,7 @@ from asyncopd.learner.batching import (
 )
 from asyncopd.learner.loss import LossInputs, compute_loss
 from asyncopd.learner.model import TokenStats, model_device, token_logprobs, token_stats
+from asyncopd.learner.teacher import ColocatedTeacher
 
 __all__ = ["make_optimizer", "train_step"]
 
@@ -97,15 +99,26 @@ def _prepare(samples: Sequence[TrainSample], learner_cfg: LearnerConfig, top_k: 
     return micro_batches, int(totals[0]), int(totals[1])
 
 
-def _student_stats(model: nn.Module, micro_batch: MicroBatch) -> TokenStats:
-    return token_stats(model, micro_batch.input_ids, micro_batch.attention_mask, topk_ids=micro_batch.topk_ids,
-                       entropy=True)
+def _student_stats(model: nn.Module, micro_batch: MicroBatch, teacher: ColocatedTeacher | None,
+                   loss_cfg: LossConfig) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
+    """The student's stats, the teacher's log-probs [B, T] (the micro-batch's, or the
+    in-process teacher's) and, for kl_loss "full", the full reverse KL [B, T] (with grad)."""
+    ids, attention = micro_batch.input_ids, micro_batch.attention_mask
+    chunk_fn = None
+    if teacher is not None and loss_cfg.kl_loss == "full":
+        chunk_fn = teacher.full_kl_fn(ids, attention, micro_batch.response_mask)
+    stats = token_stats(model, ids, attention, topk_ids=micro_batch.topk_ids, entropy=True, chunk_fn=chunk_fn)
+    if stats.extra is not None:
+        return stats, stats.extra[..., 1].detach(), stats.extra[..., 0]
+    if teacher is not None:
+        return stats, teacher.logprobs(ids, attention), None
+    return stats, micro_batch.lp_teacher, None
 
 
 def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[MicroBatch],
             lp_olds: Sequence[torch.Tensor] | None, loss_cfg: LossConfig, learner_cfg: LearnerConfig, *,
             global_num_tokens: int, global_num_seqs: int, dp_size: int,
-            totals: dict[str, float]) -> float:
+            totals: dict[str, float], teacher: ColocatedTeacher | None = None) -> float:
     """Forward/backward every micro-batch, clip, step: one optimiser update.
 
     ``lp_olds``: the student's log-probs before the first update of this step, one
@@ -115,10 +128,10 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: S
     device = model_device(model)
     for i, micro_batch in enumerate(micro_batches):
         micro_batch = micro_batch.to(device)
-        stats = _student_stats(model, micro_batch)
+        stats, lp_teacher, full_kl = _student_stats(model, micro_batch, teacher, loss_cfg)
         lp_old = stats.logprobs.detach() if lp_olds is None else lp_olds[i].to(device)
         inputs = LossInputs(lp=stats.logprobs, lp_old=lp_old, lp_behaviour=micro_batch.lp_behaviour,
-                            lp_teacher=micro_batch.lp_teacher, mask=micro_batch.response_mask,
+                            lp_teacher=lp_teacher, mask=micro_batch.response_mask, full_kl=full_kl,
                             adv_base=micro_batch.adv_base, entropy=stats.entropy, topk_lp=stats.topk_logprobs,
                             topk_lp_teacher=micro_batch.topk_lp_teacher,
                             topk_valid=None if micro_batch.topk_ids is None else micro_batch.topk_ids >= 0)
@@ -135,7 +148,7 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: S
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence[TrainSample],
                loss_cfg: LossConfig, learner_cfg: LearnerConfig, *, rank: int = 0, dp_size: int = 1,
-               top_k: int = 0) -> dict[str, float]:
+               top_k: int = 0, teacher: ColocatedTeacher | None = None) -> dict[str, float]:
     """One learner step on the whole ``batch`` (every rank passes the same list and
     trains on its share: ``rank`` of ``dp_size``); returns metrics.
 
@@ -146,7 +159,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequen
     first update are computed once (no grad) and serve as ``lp_old`` for the PPO
     clip and the importance weights of every update. ``top_k``: the width of the
     samples' top-k candidates (``teacher.top_k``-derived; 0 without), so that a
-    rank without samples runs matching empty micro-batches. Every learner rank
+    rank without samples runs matching empty micro-batches. ``teacher``: the
+    in-process teacher (teacher.backend=colocated), which then replaces the samples'
+    teacher log-probs and gives the full reverse KL of kl_loss "full"; None: the
+    samples carry the teacher pool's scores. Every learner rank
     must call this together. The returned metrics (``learner/loss`` summed over
     updates; every other ``learner/*`` key a token-weighted mean over all updates;
     ``learner/grad_norm`` of the last update; ``learner/num_tokens``;
@@ -177,7 +193,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequen
         for i, (micro_batches, num_tokens, num_seqs) in enumerate(minis):
             grad_norm = _update(model, optimizer, micro_batches, None if lp_olds is None else lp_olds[i],
                                 loss_cfg, learner_cfg, global_num_tokens=num_tokens, global_num_seqs=num_seqs,
-                                dp_size=dp_size, totals=totals)
+                                dp_size=dp_size, totals=totals, teacher=teacher)
 
     keys = sorted(totals)  # the same on every rank: same config, same loss outputs
     sums = torch.tensor([totals[key] for key in keys], dtype=torch.float64)

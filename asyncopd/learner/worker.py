@@ -33,7 +33,8 @@ from asyncopd.learner.checkpoint import export_hf, latest_checkpoint, load_check
 from asyncopd.learner.evaluation import EvalAccumulator, EvalExample
 from asyncopd.learner.io import LearnerIO
 from asyncopd.learner.advantages import sequence_advantages
-from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, shard_model
+from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, model_device, shard_model
+from asyncopd.learner.teacher import ColocatedTeacher
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter
 from asyncopd.quality import Verdict, collapse_verdict
@@ -41,7 +42,7 @@ from asyncopd.seeds import job_seeds
 from asyncopd.transport import codec
 from asyncopd.transport.discovery import Rendezvous, read_teacher_references
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
-from asyncopd.types import ScoredRollout, TensorSpec, WeightUpdate
+from asyncopd.types import Rollout, ScoredRollout, TensorSpec, WeightUpdate
 
 __all__ = ["run_learner"]
 
@@ -85,10 +86,15 @@ def _batch_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
         "batch/reward_mean": float(np.mean([s.rollout.reward for s in batch])),
         "batch/response_tokens_mean": float(np.mean([s.rollout.response_ids.shape[0] for s in batch])),
         "teacher/score_s": float(sum(s.score_s for s in batch)),
-        "teacher/rkl_behaviour": float(np.mean(np.concatenate(
-            [s.rollout.behaviour_logprobs - s.teacher_logprobs for s in batch]))),
+        **_rkl_behaviour(batch),
         **_topk_metrics(batch),
     }
+
+
+def _rkl_behaviour(batch: list[ScoredRollout]) -> dict[str, float]:
+    # NaN: a colocated teacher scores inside the train step (learner/rkl has it then).
+    rkl = np.concatenate([s.rollout.behaviour_logprobs - s.teacher_logprobs for s in batch])
+    return {"teacher/rkl_behaviour": float(rkl.mean())} if rkl.size and np.isfinite(rkl).all() else {}
 
 
 def _topk_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
@@ -103,7 +109,7 @@ class Learner:
     """Model, optimiser and the step loop of one learner rank."""
 
     def __init__(self, cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
-                 buffer, num_eval_prompts: int) -> None:
+                 buffer, num_eval_prompts: int, teacher_path: str | None = None) -> None:
         self.created = time.perf_counter()
         self.cfg, self.index, self.rendezvous = cfg, index, rendezvous
         self.world = cfg.cluster.learners
@@ -114,6 +120,12 @@ class Learner:
         self.model = load_student(student_path, torch.float32)  # fp32 master weights; compute in param_dtype
         shard_model(self.model, make_mesh("cpu"), _DTYPES[cfg.learner.param_dtype])
         self.optimizer = make_optimizer(self.model, cfg.learner)
+        self.teacher: ColocatedTeacher | None = None
+        if cfg.teacher.backend == "colocated":
+            assert teacher_path is not None, "teacher.backend=colocated loads model.teacher.path in the learner"
+            self.teacher = ColocatedTeacher(teacher_path, dtype=cfg.model.teacher.dtype,
+                                            device=model_device(self.model),
+                                            student_vocab_size=self.model.get_output_embeddings().weight.shape[0])
         resumed = self._maybe_resume()
         self.policy_version = int(resumed.get("policy_version", 0))
         self.start_version = self.policy_version
@@ -131,12 +143,17 @@ class Learner:
                                          initial_step=self.policy_version, wandb_mode=cfg.run.wandb,
                                          progress=cfg.run.progress, run_name=cfg.run.name)
             evaluation = EvalAccumulator(num_eval_prompts, cfg.eval.rkl_samples, num_examples=cfg.eval.logged_samples)
-            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=evaluation, on_eval=self._on_eval)
+            self.io = LearnerIO(cfg, rendezvous, buffer=buffer, evaluation=evaluation, on_eval=self._on_eval,
+                                score=None if self.teacher is None else self._score)
         specs = [TensorSpec(name, tuple(t.shape), self.serve_dtype)
                  for name, t in iter_full_weights(self.model, _DTYPES[self.serve_dtype])]
         self.buckets = plan_buckets(specs, int(cfg.learner.weight_sync_bucket_mb * 2**20))
         self.weight_group = (WeightGroup(rendezvous.store, 0, 1 + cfg.cluster.actors,
                                          cfg.learner.weight_sync_timeout_s) if index == 0 else None)
+
+    def _score(self, rollouts: list[Rollout]) -> list[np.ndarray]:
+        assert self.teacher is not None
+        return self.teacher.score(rollouts, self.cfg.teacher.max_batch_tokens)
 
     def _maybe_resume(self) -> dict[str, Any]:
         resume = self.cfg.learner.resume
@@ -218,7 +235,8 @@ class Learner:
         train_start = time.perf_counter()
         with trace.span("train", step=step):
             metrics = train_step(self.model, self.optimizer, samples, self.cfg.loss, self.cfg.learner,
-                                 rank=self.index, dp_size=self.world, top_k=2 * self.cfg.teacher.top_k)
+                                 rank=self.index, dp_size=self.world, top_k=2 * self.cfg.teacher.top_k,
+                                 teacher=self.teacher)
         train_s = time.perf_counter() - train_start
         self.policy_version += 1
         self.samples_trained += len(batch)
@@ -294,11 +312,13 @@ class Learner:
 
 
 def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
-                buffer, num_eval_prompts: int) -> None:
-    """The learner role's main."""
+                buffer, num_eval_prompts: int, teacher_path: str | None = None) -> None:
+    """The learner role's main. ``teacher_path``: the teacher loaded in process with
+    teacher.backend=colocated (unused otherwise)."""
     dist.init_process_group("gloo", store=dist.PrefixStore("asyncopd/learners", rendezvous.store),
                             rank=index, world_size=cfg.cluster.learners)
-    learner = Learner(cfg, index, rendezvous, student_path, buffer=buffer, num_eval_prompts=num_eval_prompts)
+    learner = Learner(cfg, index, rendezvous, student_path, buffer=buffer, num_eval_prompts=num_eval_prompts,
+                      teacher_path=teacher_path)
     try:
         summary = learner.run()
         if summary is not None:

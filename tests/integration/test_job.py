@@ -5,6 +5,7 @@ evaluation, the collapse verdict), a checkpoint and an HF export, and resumes.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -134,6 +135,22 @@ def test_kdrl_job_with_top_k_distillation_and_grpo_groups(tmp_path, models) -> N
             assert key in r, key
         if r["batch/reward_mean"] in (0.0, 1.0):  # random tiny models: every group all-wrong
             assert r["learner/adv_std"] == 0.0 and r["learner/pg_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_colocated_teacher_job_trains_on_the_full_vocabulary_kl(tmp_path, models) -> None:
+    """teacher.backend=colocated: no teacher ranks, the actor ships rollouts to learner
+    rank 0, each of two learner ranks holds the teacher and trains on the exact reverse
+    KL over the whole vocabulary; held-out evaluation is scored by the learner."""
+    run_dir = tmp_path / "colocated"
+    result = run_job(run_dir, models, "teacher.backend=colocated", "cluster.teachers=0", "loss.kl_loss=full",
+                     "loss.pg_coef=0", "cluster.learners=2")
+    assert result.returncode == 0
+    summary = check_run(run_dir, eta=1, steps=4, batch=8)
+    assert math.isfinite(summary["eval/rkl_before"]) and math.isfinite(summary["eval/rkl_after"])
+    for r in (r for r in read_metrics(run_dir) if "learner/loss" in r):
+        assert r["learner/kl_loss"] > 0.0 and r["learner/loss"] == pytest.approx(r["learner/kl_loss"], rel=1e-5)
+        assert math.isfinite(r["learner/rkl"]) and r["teacher/score_s"] == 0.0
+        assert "teacher/rkl_behaviour" not in r  # scored inside the train step, not on arrival
 
 
 def test_impossible_config_fails_before_any_process_starts(tmp_path, models) -> None:

@@ -22,7 +22,7 @@ from asyncopd.learner.loss import (
 ADVANTAGES = ["opd", "grpo", "reinforce_pp", "reinforce_pp_token"]
 CORRECTIONS = ["tis", "seq_tis", "mask", "decoupled_ppo", "none"]
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-KL_LOSSES = ["none", "k1", "k2", "k3", "topk"]
+KL_LOSSES = ["none", "k1", "k2", "k3", "topk", "full"]
 MAX_LOG_RATIO, TAIL_EPS = 20.0, 1e-6  # the module's clamps, restated
 
 
@@ -52,6 +52,7 @@ def make_inputs(seed: int, *, batch: int = 4, seq: int = 7, k: int = 3, vocab: i
     topk_valid = torch.arange(width) < n_valid  # [B, T, K]
     topk_lp = torch.where(topk_valid, p_student.gather(-1, ids).log(), -math.inf)
     topk_lp_teacher = torch.where(topk_valid, p_teacher.gather(-1, ids).log(), math.nan)
+    full_kl = torch.rand(batch, seq, generator=gen) * 2  # the full-vocabulary KL, as the learner's pass gives it
 
     def garbage(values: torch.Tensor, fill: float) -> torch.Tensor:
         pad = ~mask if values.dim() == 2 else ~mask.unsqueeze(-1).expand_as(values)
@@ -62,7 +63,8 @@ def make_inputs(seed: int, *, batch: int = 4, seq: int = 7, k: int = 3, vocab: i
                       mask=mask, adv_base=garbage(adv_base, math.nan),
                       entropy=garbage(entropy, math.inf).requires_grad_(True),
                       topk_lp=garbage(topk_lp, math.nan).requires_grad_(True),
-                      topk_lp_teacher=garbage(topk_lp_teacher, math.inf), topk_valid=topk_valid)
+                      topk_lp_teacher=garbage(topk_lp_teacher, math.inf), topk_valid=topk_valid,
+                      full_kl=garbage(full_kl, math.nan).requires_grad_(True))
 
 
 def make_cfg(**overrides: object) -> LossConfig:
@@ -80,6 +82,7 @@ class Reference:
     grad_lp: torch.Tensor | None = None
     grad_entropy: torch.Tensor | None = None
     grad_topk: torch.Tensor | None = None
+    grad_full: torch.Tensor | None = None
     sums: dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0
 
@@ -174,7 +177,9 @@ def reference(inputs: LossInputs, cfg: LossConfig, num_tokens: int, num_seqs: in
     adv_base, entropy = inputs.adv_base.tolist(), inputs.entropy.tolist()
     topk_lp, topk_lp_teacher = inputs.topk_lp.tolist(), inputs.topk_lp_teacher.tolist()
     topk_valid = inputs.topk_valid.tolist()
+    full_kl = inputs.full_kl.tolist()
     ref = Reference(grad_lp=torch.zeros(inputs.mask.shape, dtype=torch.float64),
+                    grad_full=torch.zeros(inputs.mask.shape, dtype=torch.float64),
                     grad_entropy=torch.zeros(inputs.mask.shape, dtype=torch.float64),
                     grad_topk=torch.zeros(inputs.topk_lp.shape, dtype=torch.float64))
     for b, on in enumerate(mask):
@@ -195,6 +200,9 @@ def reference(inputs: LossInputs, cfg: LossConfig, num_tokens: int, num_seqs: in
             elif cfg.kl_loss == "topk":
                 kl, d_topk = ref_topk_kl(topk_lp[b][t], topk_lp_teacher[b][t], topk_valid[b][t])
                 ref.grad_topk[b, t] = torch.tensor(d_topk, dtype=torch.float64) * scale * cfg.kl_loss_coef
+            elif cfg.kl_loss == "full":  # exact, so never clamped; its gradient goes to full_kl
+                kl = full_kl[b][t]
+                ref.grad_full[b, t] = scale * cfg.kl_loss_coef
             ref.loss += scale * (cfg.pg_coef * pg + cfg.kl_loss_coef * kl - cfg.entropy_coef * entropy[b][t])
             ref.grad_lp[b, t] = scale * (cfg.pg_coef * d_pg + cfg.kl_loss_coef * d_kl)
             ref.grad_entropy[b, t] = -scale * cfg.entropy_coef
@@ -231,6 +239,7 @@ def check_against_reference(inputs: LossInputs, cfg: LossConfig, *, extra_tokens
     torch.testing.assert_close(grad_or_zeros(inputs.lp), ref.grad_lp, **tolerance)
     torch.testing.assert_close(grad_or_zeros(inputs.entropy), ref.grad_entropy, **tolerance)
     torch.testing.assert_close(grad_or_zeros(inputs.topk_lp), ref.grad_topk, **tolerance)
+    torch.testing.assert_close(grad_or_zeros(inputs.full_kl), ref.grad_full, **tolerance)
     expected = ref.metrics()
     assert set(out.metrics) == set(expected)
     for key, value in expected.items():
@@ -424,6 +433,7 @@ def test_missing_inputs_and_bad_normalisers_are_explained() -> None:
     cases = [
         (make_cfg(advantage="grpo", entropy_coef=0.0), "adv_base", {}),
         (make_cfg(kl_loss="topk", entropy_coef=0.0), "topk_lp", {}),
+        (make_cfg(kl_loss="full", entropy_coef=0.0), "full_kl", {}),
         (make_cfg(entropy_coef=0.1), "entropy", {}),
         (make_cfg(entropy_coef=0.0), "global_num_tokens=0", {"global_num_tokens": 0}),
         (make_cfg(entropy_coef=0.0, aggregation="seq-mean-token-sum"), "global_num_seqs=0",
