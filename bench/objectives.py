@@ -3,13 +3,13 @@
 Runs the demo task once per objective from the same student, on the same prompt
 stream, with the same batch, learning rate and number of steps:
 
-- ``opd``:  the default, OPD as the advantage (sampled-token ``lp_teacher - lp_old``),
-            teacher ranks;
+- ``opd``:  OPD as the advantage (sampled-token ``lp_teacher - lp_old``), teacher
+            ranks (the default before ``full``);
 - ``topk``: the exact reverse KL over teacher ∪ student top-16 plus a tail bucket,
             pure KD (``loss.pg_coef=0``), teacher ranks (what remote teachers allow);
 - ``full``: the exact reverse KL over the whole vocabulary, pure KD, the teacher
             inside the learner (``teacher.backend=colocated``), as TRL's
-            DistillationTrainer with ``beta=1``;
+            DistillationTrainer with ``beta=1`` (the demo's default);
 - ``opd_colocated`` (with ``--colocated-opd``): the default objective with the
             teacher in the learner, to separate the objective from the data flow.
 
@@ -36,11 +36,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-OBJECTIVES: dict[str, list[str]] = {
-    "opd": [],
-    "topk": ["teacher.top_k=16", "loss.kl_loss=topk", "loss.pg_coef=0"],
-    "full": ["teacher.backend=colocated", "cluster.teachers=0", "loss.kl_loss=full", "loss.pg_coef=0"],
-    "opd_colocated": ["teacher.backend=colocated", "cluster.teachers=0"],
+_POOL = ["teacher.backend=hf", "cluster.teachers=1"]
+_COLOCATED = ["teacher.backend=colocated", "cluster.teachers=0"]
+OBJECTIVES: dict[str, list[str]] = {  # each fully spelled out, whatever the defaults
+    "opd": [*_POOL, "teacher.top_k=0", "loss.advantage=opd", "loss.kl_loss=none", "loss.pg_coef=1"],
+    "topk": [*_POOL, "teacher.top_k=16", "loss.kl_loss=topk", "loss.pg_coef=0"],
+    "full": [*_COLOCATED, "teacher.top_k=0", "loss.kl_loss=full", "loss.pg_coef=0"],
+    "opd_colocated": [*_COLOCATED, "teacher.top_k=0", "loss.advantage=opd", "loss.kl_loss=none", "loss.pg_coef=1"],
 }
 
 

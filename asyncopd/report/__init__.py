@@ -103,7 +103,8 @@ class Report:
             out += [f"![{key}](plots/{path.name})" for key, path in self.plots.items()]
         out += ["", "## Runs", "", _md_table(
             ["combination", "seed", "run directory"],
-            [[f"`{c.name}`", str(r.seed), f"`{r.run_dir}`"] for c in self.combinations for r in c.runs])]
+            [[f"`{c.name}`", str(r.seed), f"`{_relative(r.run_dir, self.base)}`"]
+             for c in self.combinations for r in c.runs])]
         return "\n".join(out) + "\n"
 
     def as_json(self) -> dict:
@@ -120,6 +121,13 @@ class Report:
              "values": {k: [r.final().get(k) for r in c.runs] for k in c.measures},
              "baseline": c.baseline, "differences": {k: diff(d) for k, d in c.differences.items()}}
             for c in self.combinations]}
+
+
+def _relative(path: Path, base: Path) -> Path:
+    try:
+        return path.resolve().relative_to(base.resolve())
+    except ValueError:
+        return path
 
 
 def _nan_none(value: float) -> float | None:
