@@ -269,12 +269,21 @@ class TeacherConfig:
     scoring (up to max_batch_tokens): fewer, fuller forwards for a little latency."""
     request_timeout_s: float = 120.0
     """Seconds an actor waits for a rollout's score acknowledgement before resending
-    it (to whichever teacher is next)."""
+    it (to another teacher when one is healthy)."""
     max_retries: int = 2
     """Resends of one rollout before the on_failure policy applies."""
     on_failure: Literal["drop", "fail"] = "drop"
     """What happens to a rollout no teacher scored: "drop" counts it
     (actor/rollouts_unscored) and samples its slot again; "fail" stops the job."""
+    heartbeat_interval_s: float = 2.0
+    """Seconds between the heartbeats each actor sends each teacher (answered between
+    scoring batches), so a dead or hung teacher is noticed even when idle."""
+    silence_timeout_s: float = 30.0
+    """Seconds a teacher may leave a rollout or heartbeat unanswered, hearing nothing
+    back at all, before actors mark it unhealthy: it gets no new work and its
+    outstanding rollouts go to other teachers at once (counted in
+    actor/teacher_failovers). It rejoins with its next answer. Must exceed the longest
+    scoring forward (one batch of max_batch_tokens)."""
     top_k: int = 0
     """Top-k distillation width k (0 = off). With k > 0 each actor records the
     behaviour distribution's k most likely ids per generated token (vLLM
@@ -313,12 +322,18 @@ class TeacherConfig:
     written to the run directory. None: no credentials are sent."""
 
     def __post_init__(self) -> None:
-        _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
+        _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s", "heartbeat_interval_s",
+                        "silence_timeout_s")
         _check_positive("teacher", self, "batch_wait_s", allow_zero=True)
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
         _check_positive("teacher", self, "http_timeout_s", "http_concurrency")
         _check_positive("teacher", self, "http_max_retries", allow_zero=True)
         self._check_backend()
+        if self.silence_timeout_s <= self.heartbeat_interval_s:
+            _fail("teacher.silence_timeout_s", self.silence_timeout_s,
+                  f"does not exceed teacher.heartbeat_interval_s={self.heartbeat_interval_s}: every teacher would "
+                  "look silent between two heartbeats",
+                  "use a silence timeout of several heartbeat intervals (defaults: 30 and 2)")
         if self.top_k > MAX_TOP_K:
             _fail(
                 "teacher.top_k", self.top_k,

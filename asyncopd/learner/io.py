@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 class LearnerIO:
+    wait_log_every_s = 30.0
+    """While a batch is awaited, say what is missing this often (seconds)."""
+
     def __init__(self, cfg: JobConfig, rendezvous: Rendezvous, *, buffer, evaluation: EvalAccumulator,
                  on_eval: Callable[[dict[str, float]], None]) -> None:
         self.cfg = cfg
@@ -69,9 +72,29 @@ class LearnerIO:
             received = self.inbox.recv(timeout_s=0.0)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
+        started = last_log = time.monotonic()
         while (batch := self.buffer.next_batch(step)) is None:
             self.pump(0.05, step)
+            if time.monotonic() - last_log >= self.wait_log_every_s:
+                last_log = time.monotonic()
+                logger.warning("%s", self.waiting_for(step, last_log - started))
         return batch
+
+    def waiting_for(self, step: int, waited_s: float) -> str:
+        """What the batch of ``step`` still lacks, from the buffer and the actors' telemetry."""
+        line = (f"waiting {waited_s:.0f}s for the batch of step {step}: buffer has "
+                f"{self.buffer.slots_accounted(step)}/{self.buffer.batch_size} of its samples")
+        stats = sorted(self.actor_stats.values(), key=lambda s: s.actor_index)
+        if not stats:
+            return line + "; no actor has reported yet"
+        unacked = sum(s.num_unacked for s in stats)
+        silent = sorted({t for s in stats for t in s.silent_teachers})
+        line += (f"; {unacked} rollouts sent and not yet scored; "
+                 f"silent teachers: {', '.join(map(str, silent)) if silent else 'none'}")
+        for s in stats:
+            if s.teacher_pool:
+                line += f"; actor {s.actor_index} (policy version {s.policy_version}): {s.teacher_pool}"
+        return line
 
     def wait_eval(self, version: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -111,6 +134,9 @@ class LearnerIO:
             "actor/retries": sum(s.num_retries for s in stats),
             "actor/rollouts_unscored": sum(s.num_unscored for s in stats),
             "actor/rejected_messages": sum(s.num_rejected_messages for s in stats),
+            "actor/teacher_failovers": sum(s.num_teacher_failovers for s in stats),
+            "actor/teacher_rejoins": sum(s.num_teacher_rejoins for s in stats),
+            "actor/silent_teachers": len({t for s in stats for t in s.silent_teachers}),
             "actor/policy_version_min": min(s.policy_version for s in stats),
         }
 

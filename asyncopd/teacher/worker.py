@@ -11,7 +11,9 @@ forwards, forwards each :class:`ScoredRollout` (with the top-k support when
 teacher.top_k > 0) to the learner and acknowledges
 each rollout to the actor that sent it. A rollout that fails to score is
 acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
-keeps serving. It exits on :class:`Shutdown` from the learner.
+keeps serving. A :class:`Heartbeat` is echoed at once (between forwards), which is
+how actors tell a busy teacher from a dead or frozen one. It exits on
+:class:`Shutdown` from the learner.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from asyncopd.config import JobConfig
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import Rollout, ScoreAck, ScoredRollout, Shutdown
+from asyncopd.types import Heartbeat, Rollout, ScoreAck, ScoredRollout, Shutdown
 
 __all__ = ["TeacherWorker", "run_teacher"]
 
@@ -47,6 +49,7 @@ class TeacherWorker:
         self.to_learner: Channel | None = None
         self.num_scored = 0
         self.num_failed = 0
+        self.num_heartbeats = 0
 
     def connect_learner(self, address: str) -> None:
         self.to_learner = Channel(zmq.PUSH, connect=[address])
@@ -62,6 +65,10 @@ class TeacherWorker:
             if received is None:
                 break
             identity, message = received
+            if isinstance(message, Heartbeat) and identity is not None:
+                self.router.send(message, identity=identity)
+                self.num_heartbeats += 1
+                continue
             if not isinstance(message, Rollout) or identity is None:
                 self.router.num_rejected += 1
                 logger.warning("teacher %d: ignored a %s on its rollout socket", self.index, type(message).__name__)

@@ -85,9 +85,11 @@ def push_weights(loop, control, version: int) -> None:
 
 
 def drain_rollouts(teacher: Channel) -> list[Rollout]:
+    """The rollouts that reached the fake teacher (its heartbeats left out)."""
     out = []
     while (got := teacher.recv(timeout_s=0.05)) is not None:
-        out.append(got[1])
+        if isinstance(got[1], Rollout):
+            out.append(got[1])
     return out
 
 
