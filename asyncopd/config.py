@@ -97,13 +97,17 @@ class ClusterConfig:
     auth: Literal["auto", "curve", "none"] = "auto"
     """ZeroMQ security. ``curve``: every socket is authenticated and encrypted with the
     job key (ZeroMQ CURVE), so only holders of the key can connect, send rollouts or
-    control messages. ``none``: plain TCP, for loopback or a network you fully trust.
-    ``auto``: ``curve`` unless ``host`` is a loopback address."""
+    control messages. ``none``: plain TCP: any process that reaches ``host`` (on
+    loopback: any local process) can feed the job or stop it; only for a machine and
+    network you fully trust. ``auto``: ``curve``, on loopback too (measured cost in the
+    README's security section)."""
     auth_key_file: str | None = None
     """The job key: a pyzmq CURVE secret certificate (``*.key_secret``, made by
     ``python -m asyncopd.transport.security keygen DIR``), the same file on every node.
     Used when ``auth`` resolves to ``curve``; required then for multi-node jobs. None:
-    ``python -m asyncopd.launch`` makes a key in memory for its single-node job."""
+    ``python -m asyncopd.launch`` makes a key in memory for its single-node job, and the
+    ranks of a single-node ``torchrun`` started directly share
+    ``<run dir>/.asyncopd_job.key_secret`` (mode 600, made by the first of them)."""
 
     def __post_init__(self) -> None:
         _check_positive("cluster", self, "learners", "actors", "teachers")
@@ -122,10 +126,9 @@ class ClusterConfig:
 
     @property
     def resolved_auth(self) -> Literal["curve", "none"]:
-        """``auth`` with ``auto`` decided: ``curve`` unless ``host`` is a loopback address."""
-        if self.auth != "auto":
-            return self.auth
-        return "none" if self.host_is_loopback else "curve"
+        """``auth`` with ``auto`` decided: ``curve`` (loopback is no protection against
+        other local processes)."""
+        return "curve" if self.auth == "auto" else self.auth
 
     @property
     def world_size(self) -> int:
