@@ -297,10 +297,14 @@ class TeacherConfig:
     backend="vllm_http" the server reports only its own top-k (plus the sampled token),
     so the student's ids it lacks are dropped (-1 padding); the server must run with
     ``--max-logprobs`` >= k."""
-    url: str | None = None
+    url: str | list[str] | None = None
     """backend="vllm_http": the server's OpenAI base URL, e.g. "http://host:8000/v1"
     (completions go to <url>/completions; the tokenizer check uses <url without
-    /v1>/tokenize). Required with vllm_http, must be unset with hf."""
+    /v1>/tokenize), or a list of such URLs (``teacher.url=[http://a:8000/v1,http://b:8000/v1]``),
+    servers of the same teacher: each request goes to the healthy server with the fewest
+    requests in flight, a server that fails is skipped (the request goes to another at
+    once) and probed every few seconds until it answers again. Required with
+    vllm_http, must be unset with hf."""
     served_model: str | None = None
     """backend="vllm_http": the model name to request (vllm serve
     --served-model-name). None: the server's only model (GET <url>/models)."""
@@ -347,6 +351,13 @@ class TeacherConfig:
                 "does not apply)",
             )
 
+    @property
+    def urls(self) -> list[str]:
+        """teacher.url as a list (empty when unset)."""
+        if self.url is None:
+            return []
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
     def _check_backend(self) -> None:
         http_fields = ("url", "served_model", "tokenizer", "api_key_env")
         if self.backend == "hf":
@@ -362,10 +373,14 @@ class TeacherConfig:
             _fail("teacher.api_key_env", self.api_key_env, "is not an environment variable name (it names the "
                   "variable holding the key, it is not the key)",
                   "export TEACHER_API_KEY=<key> and set teacher.api_key_env=TEACHER_API_KEY")
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            _fail("teacher.url", self.url, "is not an http(s) URL",
-                  "use the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+        if not self.urls:
+            _fail("teacher.url", self.url, "is an empty list",
+                  "give at least one server, e.g. teacher.url=http://127.0.0.1:8000/v1")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                _fail("teacher.url", url, "is not an http(s) URL",
+                      "use the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
         if self.http_timeout_s > self.request_timeout_s:
             _fail("teacher.http_timeout_s", self.http_timeout_s,
                   f"exceeds teacher.request_timeout_s={self.request_timeout_s}: actors would resend a rollout "

@@ -109,6 +109,16 @@ class TeacherPool:
         t.num_rejoined += 1
         return True
 
+    def on_failure(self, teacher: int) -> bool:
+        """``teacher`` failed outright (e.g. a refused connection): unhealthy now, without
+        waiting for silence. True when it was healthy until now."""
+        t = self.teachers[teacher]
+        if not t.healthy:
+            return False
+        t.healthy = False
+        t.num_marked_unhealthy += 1
+        return True
+
     def resolve(self, rollout_id: str) -> None:
         """``rollout_id`` needs no answer any more (scored by someone, or given up)."""
         for t in self.teachers:
