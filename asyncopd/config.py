@@ -287,6 +287,11 @@ class TeacherConfig:
     outstanding rollouts go to other teachers at once (counted in
     actor/teacher_failovers). It rejoins with its next answer. Must exceed the longest
     scoring forward (one batch of max_batch_tokens)."""
+    supervise_scorer: bool = False
+    """backend="hf": run each teacher rank's model in a child process that is started
+    again when it crashes (out of memory, a CUDA error) or hangs past
+    request_timeout_s, instead of ending the job; the batch it held is resent by the
+    actors. Costs a copy of each batch through a pipe and the child's start-up."""
     top_k: int = 0
     """Top-k distillation width k (0 = off). With k > 0 each actor records the
     behaviour distribution's k most likely ids per generated token (vLLM
@@ -373,6 +378,9 @@ class TeacherConfig:
             _fail("teacher.api_key_env", self.api_key_env, "is not an environment variable name (it names the "
                   "variable holding the key, it is not the key)",
                   "export TEACHER_API_KEY=<key> and set teacher.api_key_env=TEACHER_API_KEY")
+        if self.supervise_scorer:
+            _fail("teacher.supervise_scorer", True, "supervises a model loaded by the teacher rank (backend=hf); "
+                  "with vllm_http the model lives in the server", "drop teacher.supervise_scorer")
         if not self.urls:
             _fail("teacher.url", self.url, "is an empty list",
                   "give at least one server, e.g. teacher.url=http://127.0.0.1:8000/v1")

@@ -135,7 +135,15 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         max_batch_tokens = cfg.teacher.max_batch_tokens * cfg.teacher.http_concurrency
     else:
         assert teacher_path is not None, "the hf backend scores with a local model"
-        scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
+        if cfg.teacher.supervise_scorer:
+            from asyncopd.teacher.supervised import HFScorerFactory, SupervisedScorer
+
+            factory = HFScorerFactory(teacher_path, cfg.model.teacher.dtype, cfg.teacher.top_k,
+                                      cfg.cluster.teacher_threads)
+            scorer = SupervisedScorer(factory, timeout_s=cfg.teacher.request_timeout_s,
+                                      startup_timeout_s=cfg.cluster.startup_timeout_s)
+        else:
+            scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
         max_batch_tokens = cfg.teacher.max_batch_tokens
     worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=max_batch_tokens,
                            batch_wait_s=cfg.teacher.batch_wait_s)
@@ -151,3 +159,5 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         logger.info("teacher %d: scored %d rollouts, %d failed", index, worker.num_scored, worker.num_failed)
     finally:
         worker.close()
+        if hasattr(scorer, "close"):
+            scorer.close()
