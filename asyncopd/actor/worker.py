@@ -43,8 +43,8 @@ import numpy as np
 import zmq
 
 from asyncopd import trace
-from asyncopd.config import JobConfig
 from asyncopd.actor.teachers import TeacherPoolClient
+from asyncopd.config import JobConfig
 from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
@@ -115,6 +115,11 @@ class ActorLoop:
     @property
     def num_unscored(self) -> int:
         return self.teachers.num_unscored
+
+    @property
+    def unacked(self) -> dict:
+        """Rollouts sent to the teacher pool and not yet acknowledged, by rollout id."""
+        return self.teachers.unacked
 
     # ---- admission ---------------------------------------------------------------------------
     def _batch_of(self, group: int) -> int:

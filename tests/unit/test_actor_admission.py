@@ -155,6 +155,8 @@ def test_unscored_rollout_is_resampled_for_the_same_slot() -> None:
     resampled = [r for r in again if r.rollout_id != victim.rollout_id]
     assert len(resampled) == 1
     assert (resampled[0].batch_index, resampled[0].group_id) == (victim.batch_index, victim.group_id)
+    # It fills the dropped sample's slot: the buffer keeps only one of the two should both arrive.
+    assert resampled[0].slot_id == victim.rollout_id and resampled[0].slot == victim.slot == victim.rollout_id
 
 
 def test_shutdown_ends_the_loop() -> None:
