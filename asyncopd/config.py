@@ -98,13 +98,17 @@ class ClusterConfig:
     auth: Literal["auto", "curve", "none"] = "auto"
     """ZeroMQ security. ``curve``: every socket is authenticated and encrypted with the
     job key (ZeroMQ CURVE), so only holders of the key can connect, send rollouts or
-    control messages. ``none``: plain TCP, for loopback or a network you fully trust.
-    ``auto``: ``curve`` unless ``host`` is a loopback address."""
+    control messages. ``none``: plain TCP: any process that reaches ``host`` (on
+    loopback: any local process) can feed the job or stop it; only for a machine and
+    network you fully trust. ``auto``: ``curve``, on loopback too (measured cost in the
+    README's security section)."""
     auth_key_file: str | None = None
     """The job key: a pyzmq CURVE secret certificate (``*.key_secret``, made by
     ``python -m asyncopd.transport.security keygen DIR``), the same file on every node.
     Used when ``auth`` resolves to ``curve``; required then for multi-node jobs. None:
-    ``python -m asyncopd.launch`` makes a key in memory for its single-node job."""
+    ``python -m asyncopd.launch`` makes a key in memory for its single-node job, and the
+    ranks of a single-node ``torchrun`` started directly share
+    ``<run dir>/.asyncopd_job.key_secret`` (mode 600, made by the first of them)."""
 
     def __post_init__(self) -> None:
         _check_positive("cluster", self, "learners", "actors")
@@ -124,10 +128,9 @@ class ClusterConfig:
 
     @property
     def resolved_auth(self) -> Literal["curve", "none"]:
-        """``auth`` with ``auto`` decided: ``curve`` unless ``host`` is a loopback address."""
-        if self.auth != "auto":
-            return self.auth
-        return "none" if self.host_is_loopback else "curve"
+        """``auth`` with ``auto`` decided: ``curve`` (loopback is no protection against
+        other local processes)."""
+        return "curve" if self.auth == "auto" else self.auth
 
     @property
     def world_size(self) -> int:
@@ -277,12 +280,26 @@ class TeacherConfig:
     scoring (up to max_batch_tokens): fewer, fuller forwards for a little latency."""
     request_timeout_s: float = 120.0
     """Seconds an actor waits for a rollout's score acknowledgement before resending
-    it (to whichever teacher is next)."""
+    it (to another teacher when one is healthy)."""
     max_retries: int = 2
     """Resends of one rollout before the on_failure policy applies."""
     on_failure: Literal["drop", "fail"] = "drop"
     """What happens to a rollout no teacher scored: "drop" counts it
     (actor/rollouts_unscored) and samples its slot again; "fail" stops the job."""
+    heartbeat_interval_s: float = 2.0
+    """Seconds between the heartbeats each actor sends each teacher (answered between
+    scoring batches), so a dead or hung teacher is noticed even when idle."""
+    silence_timeout_s: float = 30.0
+    """Seconds a teacher may leave a rollout or heartbeat unanswered, hearing nothing
+    back at all, before actors mark it unhealthy: it gets no new work and its
+    outstanding rollouts go to other teachers at once (counted in
+    actor/teacher_failovers). It rejoins with its next answer. Must exceed the longest
+    scoring forward (one batch of max_batch_tokens)."""
+    supervise_scorer: bool = False
+    """backend="hf": run each teacher rank's model in a child process that is started
+    again when it crashes (out of memory, a CUDA error) or hangs past
+    request_timeout_s, instead of ending the job; the batch it held is resent by the
+    actors. Costs a copy of each batch through a pipe and the child's start-up."""
     top_k: int = 0
     """Top-k distillation width k (0 = off). With k > 0 each actor records the
     behaviour distribution's k most likely ids per generated token (vLLM
@@ -293,10 +310,14 @@ class TeacherConfig:
     backend="vllm_http" the server reports only its own top-k (plus the sampled token),
     so the student's ids it lacks are dropped (-1 padding); the server must run with
     ``--max-logprobs`` >= k."""
-    url: str | None = None
+    url: str | list[str] | None = None
     """backend="vllm_http": the server's OpenAI base URL, e.g. "http://host:8000/v1"
     (completions go to <url>/completions; the tokenizer check uses <url without
-    /v1>/tokenize). Required with vllm_http, must be unset with hf."""
+    /v1>/tokenize), or a list of such URLs (``teacher.url=[http://a:8000/v1,http://b:8000/v1]``),
+    servers of the same teacher: each request goes to the healthy server with the fewest
+    requests in flight, a server that fails is skipped (the request goes to another at
+    once) and probed every few seconds until it answers again. Required with
+    vllm_http, must be unset with hf."""
     served_model: str | None = None
     """backend="vllm_http": the model name to request (vllm serve
     --served-model-name). None: the server's only model (GET <url>/models)."""
@@ -321,12 +342,18 @@ class TeacherConfig:
     written to the run directory. None: no credentials are sent."""
 
     def __post_init__(self) -> None:
-        _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s")
+        _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s", "heartbeat_interval_s",
+                        "silence_timeout_s")
         _check_positive("teacher", self, "batch_wait_s", allow_zero=True)
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
         _check_positive("teacher", self, "http_timeout_s", "http_concurrency")
         _check_positive("teacher", self, "http_max_retries", allow_zero=True)
         self._check_backend()
+        if self.silence_timeout_s <= self.heartbeat_interval_s:
+            _fail("teacher.silence_timeout_s", self.silence_timeout_s,
+                  f"does not exceed teacher.heartbeat_interval_s={self.heartbeat_interval_s}: every teacher would "
+                  "look silent between two heartbeats",
+                  "use a silence timeout of several heartbeat intervals (defaults: 30 and 2)")
         if self.top_k > MAX_TOP_K:
             _fail(
                 "teacher.top_k", self.top_k,
@@ -336,6 +363,13 @@ class TeacherConfig:
                 "(the actor sets vLLM's max_logprobs to teacher.top_k, so vLLM's own default cap of 20 "
                 "does not apply)",
             )
+
+    @property
+    def urls(self) -> list[str]:
+        """teacher.url as a list (empty when unset)."""
+        if self.url is None:
+            return []
+        return [self.url] if isinstance(self.url, str) else list(self.url)
 
     def _check_backend(self) -> None:
         http_fields = ("url", "served_model", "tokenizer", "api_key_env")
@@ -356,10 +390,17 @@ class TeacherConfig:
             _fail("teacher.api_key_env", self.api_key_env, "is not an environment variable name (it names the "
                   "variable holding the key, it is not the key)",
                   "export TEACHER_API_KEY=<key> and set teacher.api_key_env=TEACHER_API_KEY")
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            _fail("teacher.url", self.url, "is not an http(s) URL",
-                  "use the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+        if self.supervise_scorer:
+            _fail("teacher.supervise_scorer", True, "supervises a model loaded by the teacher rank (backend=hf); "
+                  "with vllm_http the model lives in the server", "drop teacher.supervise_scorer")
+        if not self.urls:
+            _fail("teacher.url", self.url, "is an empty list",
+                  "give at least one server, e.g. teacher.url=http://127.0.0.1:8000/v1")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                _fail("teacher.url", url, "is not an http(s) URL",
+                      "use the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
         if self.http_timeout_s > self.request_timeout_s:
             _fail("teacher.http_timeout_s", self.http_timeout_s,
                   f"exceeds teacher.request_timeout_s={self.request_timeout_s}: actors would resend a rollout "

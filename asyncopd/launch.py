@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -170,9 +169,9 @@ def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
     env = world_environment(cfg)  # an unusable key file fails before the slow part
     resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    command = [torchrun or "torchrun", "--standalone", f"--nproc-per-node={cfg.cluster.world_size}",
-               "-m", "asyncopd.launch", *argv]
+    # torchrun itself, with its stores listening on 127.0.0.1 only (see transport/loopback_store.py).
+    command = [sys.executable, "-m", "asyncopd.transport.loopback_store", "--standalone", "--local-addr=127.0.0.1",
+               f"--nproc-per-node={cfg.cluster.world_size}", "-m", "asyncopd.launch", *argv]
     logger.info("starting %s", " ".join(command))
     return subprocess.call(command, env=env)
 
@@ -198,11 +197,13 @@ def install_security(cfg: JobConfig) -> CurveSecurity | None:
     cfg.cluster.check_num_nodes(num_nodes)
     # Popped so that the engine's own subprocesses do not inherit the secret.
     inherited = os.environ.pop(JOB_SECRET_ENV, None)
-    key = job_key_for(cfg.cluster, inherited_secret=inherited, num_nodes=num_nodes, can_generate=False)
+    key = job_key_for(cfg.cluster, inherited_secret=inherited, num_nodes=num_nodes, can_generate=False,
+                      shared_key_dir=cfg.run.run_dir)
     security = configure_security(key)
-    if key is None and not cfg.cluster.host_is_loopback:
-        logger.warning("cluster.auth=none with cluster.host=%s: anyone who reaches that address can inject "
-                       "rollouts and control messages", cfg.cluster.host)
+    if key is None:
+        who = "any local process" if cfg.cluster.host_is_loopback else "anyone who reaches that address"
+        logger.warning("cluster.auth=none with cluster.host=%s: %s can inject rollouts and control messages "
+                       "(a Shutdown ends the job)", cfg.cluster.host, who)
     return security
 
 
@@ -212,7 +213,7 @@ def _run_rank(cfg: JobConfig) -> None:
     role, index = cfg.cluster.role_of(rank)
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
     trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
-    install_security(cfg)
+    security = install_security(cfg)
     threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
                "teacher": cfg.cluster.teacher_threads}[role]
     # Quiet third-party chatter unless debugging (a user's own setting wins).
@@ -234,7 +235,8 @@ def _run_rank(cfg: JobConfig) -> None:
     from asyncopd.tasks import load_task
     from asyncopd.transport.discovery import Rendezvous
 
-    rendezvous = Rendezvous.from_env(cfg.cluster.startup_timeout_s)
+    rendezvous = Rendezvous.from_env(cfg.cluster.startup_timeout_s,
+                                     signing_key=None if security is None else security.key.secret)
     if role == "learner":
         from asyncopd.buffer import StalenessBuffer
         from asyncopd.learner.worker import run_learner

@@ -32,6 +32,7 @@ __all__ = [
     "TensorSpec",
     "WeightUpdate",
     "ActorStats",
+    "Heartbeat",
     "Shutdown",
     "TeacherReference",
     "TeacherReferences",
@@ -115,6 +116,11 @@ class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """int32 [response_len, k]: the k most likely ids of the behaviour distribution at
     each response position, most likely first (k = teacher.top_k); None when top-k
     distillation is off, and for greedy evaluation samples."""
+    slot_id: str | None = None
+    """The training slot this sample fills when it replaces a dropped sample (the
+    dropped one's slot, i.e. the rollout_id of the slot's first sample); None: the slot
+    is this rollout's own (``rollout_id``). The buffer keeps one sample per slot, so a
+    late original and its resample are never both trained."""
 
     def __post_init__(self) -> None:
         n = self.response_ids.shape[0] if isinstance(self.response_ids, np.ndarray) else None
@@ -135,6 +141,11 @@ class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     @property
     def num_tokens(self) -> int:
         return int(self.prompt_ids.shape[0] + self.response_ids.shape[0])
+
+    @property
+    def slot(self) -> str:
+        """The training slot this sample fills (see ``slot_id``)."""
+        return self.slot_id or self.rollout_id
 
 
 class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -170,6 +181,10 @@ class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     @property
     def batch_index(self) -> int:
         return self.rollout.batch_index
+
+    @property
+    def slot(self) -> str:
+        return self.rollout.slot
 
 
 class ScoreAck(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -214,6 +229,25 @@ class ActorStats(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     num_retries: int
     num_unscored: int
     num_rejected_messages: int
+    num_unacked: int = 0
+    """Rollouts sent to the teacher pool and not yet acknowledged (now)."""
+    silent_teachers: list[int] = msgspec.field(default_factory=list)
+    """Teachers this actor now routes around (silent longer than teacher.silence_timeout_s)."""
+    teacher_pool: str = ""
+    """This actor's view of the pool in one line (health, outstanding rollouts, silence)."""
+    num_teacher_failovers: int = 0
+    """Times a teacher was marked unhealthy and its rollouts were sent to another one."""
+    num_teacher_rejoins: int = 0
+    """Times an unhealthy teacher answered again and got work again."""
+
+
+class Heartbeat(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """Actor -> teacher, echoed back at once (between scoring batches): the teacher's
+    answer shows it is alive even when it has no rollout to acknowledge."""
+
+    policy_version: int
+    sent_at: float
+    """The sender's monotonic clock when sent (echoed unchanged)."""
 
 
 class TeacherReference(msgspec.Struct, kw_only=True, frozen=True):
@@ -252,4 +286,5 @@ class Shutdown(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     reason: str
 
 
-Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Shutdown, TeacherReferences]
+Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Heartbeat, Shutdown,
+                TeacherReferences]

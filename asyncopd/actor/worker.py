@@ -3,9 +3,9 @@
 Loop, one engine step at a time::
 
     control inbox ─WeightUpdate─> (join weight broadcast) ─> engine.load_weights
-    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (DEALER; learner
+    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (a DEALER each; learner
                                                    rank 0 with teacher.backend=colocated)
-                                                   teacher ─ScoreAck─> retry / degrade
+                                                   teacher ─ScoreAck─> retry elsewhere / degrade
 
 Admission (slots). Each optimiser step ``k`` takes ``batch_size / num_actors``
 samples from this actor, whole prompt groups at a time; the actor stamps them
@@ -38,19 +38,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import zmq
 
 from asyncopd import trace
+from asyncopd.actor.teachers import TeacherPoolClient
 from asyncopd.config import JobConfig
 from asyncopd.seeds import job_seeds
 from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch, read_teacher_references
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
-from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, TeacherReference, WeightUpdate
+from asyncopd.types import ActorStats, Rollout, Shutdown, TeacherReference, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
 
@@ -78,24 +80,22 @@ class _Request:
     batch_index: int
     reference: TeacherReference | None = None
     """eval_reference: the teacher sample to score."""
-
-
-@dataclass(slots=True)
-class _Unacked:
-    rollout: Rollout
-    request: _Request
-    deadline: float
-    attempts: int
+    slot_id: str | None = None
+    """Set on a resample: the slot of the dropped sample it replaces."""
 
 
 class ActorLoop:
     """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
     def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
-                 inbox: Channel, dealer: Channel, stats_out: Channel,
+                 inbox: Channel, dealer: Channel | Sequence[Channel], stats_out: Channel,
                  references: list[TeacherReference] | None = None) -> None:
+        """``dealer``: one DEALER per teacher, each connected to that teacher only (one
+        Channel: a pool of one)."""
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
-        self.weight_group, self.inbox, self.dealer, self.stats_out = weight_group, inbox, dealer, stats_out
+        self.weight_group, self.inbox, self.stats_out = weight_group, inbox, stats_out
+        self.dealers = [dealer] if isinstance(dealer, Channel) else list(dealer)
+        self.teachers = TeacherPoolClient(self.dealers, cfg.teacher, actor_index=index)
         self.references = {r.prompt_index: r for r in references or []}
         """The teacher's samples of the held-out prompts, by prompt index."""
         actor = cfg.actor
@@ -107,7 +107,6 @@ class ActorLoop:
         self.prompts = None
         self.pending_updates: deque[WeightUpdate] = deque()
         self.inflight: dict[str, _Request] = {}
-        self.unacked: dict[str, _Unacked] = {}
         self.evaluated: set[int] = set()
         self.eval_due: set[int] = set()
         self.seq = 0
@@ -117,8 +116,19 @@ class ActorLoop:
         self.tokens_generated = 0
         self.engine_busy_s = 0.0
         self.weight_sync_s = 0.0
-        self.num_retries = 0
-        self.num_unscored = 0
+
+    @property
+    def num_retries(self) -> int:
+        return self.teachers.num_retries
+
+    @property
+    def num_unscored(self) -> int:
+        return self.teachers.num_unscored
+
+    @property
+    def unacked(self) -> dict:
+        """Rollouts sent to the teacher pool and not yet acknowledged, by rollout id."""
+        return self.teachers.unacked
 
     # ---- admission ---------------------------------------------------------------------------
     def _batch_of(self, group: int) -> int:
@@ -234,47 +244,14 @@ class ActorLoop:
             policy_version=int(versions.min()) if versions.size else self.policy_version,
             reward=float(self.task.reward(request.prompt, text)), finish_reason=finish_reason,
             student_topk_ids=completion.topk_ids,  # None for greedy samples and when top-k is off
+            slot_id=request.slot_id,
         )
-        self.dealer.send(rollout)
-        self.unacked[rollout.rollout_id] = _Unacked(rollout, request, self._deadline(), 0)
+        self.teachers.send(rollout, replace(request, slot_id=rollout.slot))
 
-    def _deadline(self) -> float:
-        return time.monotonic() + self.cfg.teacher.request_timeout_s
-
-    def _on_ack(self, ack: ScoreAck) -> None:
-        entry = self.unacked.get(ack.rollout_id)
-        if entry is None:
-            return  # ack of a rollout already retried and acknowledged
-        if ack.ok:
-            del self.unacked[ack.rollout_id]
-        else:
-            logger.warning("actor %d: teacher could not score %s: %s", self.index, ack.rollout_id, ack.error)
-            self._retry(ack.rollout_id)
-
-    def _check_deadlines(self) -> None:
-        now = time.monotonic()
-        for rollout_id in [rid for rid, e in self.unacked.items() if e.deadline < now]:
-            logger.warning("actor %d: no score for %s within teacher.request_timeout_s", self.index, rollout_id)
-            self._retry(rollout_id)
-
-    def _retry(self, rollout_id: str) -> None:
-        entry = self.unacked[rollout_id]
-        if entry.attempts < self.cfg.teacher.max_retries:
-            entry.attempts += 1
-            entry.deadline = self._deadline()
-            self.num_retries += 1
-            self.dealer.send(entry.rollout)
-            return
-        del self.unacked[rollout_id]
-        self.num_unscored += 1
-        if self.cfg.teacher.on_failure == "fail":
-            raise RuntimeError(
-                f"rollout {rollout_id} was not scored after {entry.attempts + 1} attempts and "
-                "teacher.on_failure=fail. Fix: check the teacher ranks' logs, raise teacher.request_timeout_s, "
-                "or set teacher.on_failure=drop to resample such slots."
-            )
-        logger.warning("actor %d: dropping unscored %s and sampling its slot again", self.index, rollout_id)
-        self._submit(entry.request)
+    def _resample(self, requests: list[_Request]) -> None:
+        """Sample again the slots of rollouts no teacher scored (teacher.on_failure=drop)."""
+        for request in requests:
+            self._submit(request)
 
     def _send_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -285,19 +262,23 @@ class ActorLoop:
             actor_index=self.index, policy_version=self.policy_version or 0, tokens_generated=self.tokens_generated,
             engine_busy_s=self.engine_busy_s, wall_s=now - self.started, weight_sync_s=self.weight_sync_s,
             num_retries=self.num_retries, num_unscored=self.num_unscored,
-            num_rejected_messages=self.inbox.num_rejected + self.dealer.num_rejected,
+            num_rejected_messages=self.inbox.num_rejected + self.teachers.num_rejected_messages,
+            num_unacked=len(self.teachers.unacked), silent_teachers=self.teachers.pool.silent(),
+            teacher_pool=self.teachers.pool.describe(),
+            num_teacher_failovers=self.teachers.pool.num_marked_unhealthy,
+            num_teacher_rejoins=self.teachers.pool.num_rejoined,
         ))
 
     # ---- the loop ----------------------------------------------------------------------------
     def _handle_messages(self, wait_s: float) -> bool:
         """Read control messages and acks; False when told to shut down."""
-        for channel in poll([self.inbox, self.dealer], wait_s):
+        for channel in poll([self.inbox, *self.dealers], wait_s):
             while (received := channel.recv(timeout_s=0.0)) is not None:
                 message = received[1]
-                if isinstance(message, WeightUpdate):
+                if channel is not self.inbox:
+                    self._resample(self.teachers.handle(self.dealers.index(channel), message))
+                elif isinstance(message, WeightUpdate):
                     self.pending_updates.append(message)
-                elif isinstance(message, ScoreAck):
-                    self._on_ack(message)
                 elif isinstance(message, Shutdown):
                     logger.info("actor %d: shutdown (%s)", self.index, message.reason)
                     return False
@@ -313,7 +294,8 @@ class ActorLoop:
         while self.pending_updates and self._may_apply_update():
             self._apply_update(self.pending_updates.popleft())
         self._admit_groups()
-        self._check_deadlines()
+        self.teachers.policy_version = self.policy_version or 0
+        self._resample(self.teachers.tick())
         if self.engine.num_unfinished:
             start = time.perf_counter()
             with trace.span("generate", running=self.engine.num_unfinished):
@@ -346,7 +328,8 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]
     if cfg.teacher.backend == "colocated":  # no teacher ranks: learner rank 0 takes the rollouts
         teachers = [rendezvous.lookup("learner/rollouts")]
-    dealer = Channel(zmq.DEALER, connect=teachers, identity=f"actor-{index}".encode())
+    # One DEALER per teacher, so that the pool client chooses where each rollout goes.
+    dealers = [Channel(zmq.DEALER, connect=[t], identity=f"actor-{index}".encode()) for t in teachers]
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
     weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
     rendezvous.barrier("connected")
@@ -354,13 +337,13 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
         references = read_teacher_references(rendezvous, cfg.cluster.teachers).references
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealer, stats_out=stats_out, references=references)
+                     inbox=inbox, dealer=dealers, stats_out=stats_out, references=references)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)
         while loop.run_once() and not ended():
             pass
     finally:
-        for channel in (inbox, dealer, stats_out):
+        for channel in (inbox, *dealers, stats_out):
             channel.close()
         engine.shutdown()

@@ -19,6 +19,11 @@ Rules, each counted in :attr:`stats`:
 - a sample for a step already trained is refused (``dropped_late``);
 - a second copy of a rollout (a retried scoring that both teachers finished) is
   refused (``duplicates``);
+- a second sample for one slot (a dropped rollout that was scored late after all,
+  next to the resample that replaced it: both carry the slot, see
+  ``Rollout.slot_id``) is refused (``dropped_superseded``), and so is any sample
+  that would give a step more than ``batch_size`` samples: a step never trains
+  more than ``batch_size``;
 - a sample arriving while ``capacity`` samples are held is refused
   (``dropped_full``); with slots this only happens on a bug, never silently.
 """
@@ -51,6 +56,7 @@ class BufferStats:
     dropped_late: int = 0
     dropped_full: int = 0
     duplicates: int = 0
+    dropped_superseded: int = 0
     batches: int = 0
     staleness_max: int = 0
     """Largest staleness of any sample handed to the learner so far."""
@@ -64,6 +70,7 @@ class BufferStats:
             "buffer/dropped_late": self.dropped_late,
             "buffer/dropped_full": self.dropped_full,
             "buffer/duplicates": self.duplicates,
+            "buffer/dropped_superseded": self.dropped_superseded,
             "buffer/staleness_max": max(last) if last else 0,
             "buffer/staleness_mean": sum(last) / len(last) if last else 0.0,
             "buffer/staleness_max_overall": self.staleness_max,
@@ -83,6 +90,7 @@ class StalenessBuffer(Generic[S]):
         self._held: dict[int, list[S]] = defaultdict(list)
         self._dropped_slots: dict[int, int] = defaultdict(int)
         self._seen: set[str] = set()
+        self._slots: set[str] = set()
         self._num_held = 0
 
     def __len__(self) -> int:
@@ -100,6 +108,11 @@ class StalenessBuffer(Generic[S]):
         if sample.batch_index < learner_version:
             self.stats.dropped_late += 1
             return False
+        slot = getattr(sample, "slot", None) or sample.rollout_id
+        if slot in self._slots or self.slots_accounted(sample.batch_index) >= self.batch_size:
+            self.stats.dropped_superseded += 1
+            return False
+        self._slots.add(slot)
         if self.staleness(sample, learner_version) > self.max_staleness:
             self.stats.dropped_stale += 1
             self._dropped_slots[sample.batch_index] += 1
@@ -117,9 +130,12 @@ class StalenessBuffer(Generic[S]):
         """Account for slots of ``batch_index`` that will never arrive."""
         self._dropped_slots[batch_index] += count
 
+    def slots_accounted(self, batch_index: int) -> int:
+        """Slots of step ``batch_index`` held or known dropped (the step is ready at batch_size)."""
+        return len(self._held.get(batch_index, ())) + self._dropped_slots.get(batch_index, 0)
+
     def ready(self, learner_version: int) -> bool:
-        accounted = len(self._held.get(learner_version, ())) + self._dropped_slots.get(learner_version, 0)
-        return accounted >= self.batch_size
+        return self.slots_accounted(learner_version) >= self.batch_size
 
     def next_batch(self, learner_version: int) -> list[S] | None:
         """The samples of step ``learner_version`` once all its slots are accounted

@@ -34,7 +34,7 @@ from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.teacher import placeholder_teacher_logprobs
 from asyncopd.transport.discovery import Rendezvous
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import ActorStats, Rollout, ScoreAck, ScoredRollout, Shutdown, WeightUpdate
+from asyncopd.types import ActorStats, Heartbeat, Rollout, ScoreAck, ScoredRollout, Shutdown, WeightUpdate
 
 __all__ = ["LearnerIO"]
 
@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 
 class LearnerIO:
+    wait_log_every_s = 30.0
+    """While a batch is awaited, say what is missing this often (seconds)."""
+
     def __init__(self, cfg: JobConfig, rendezvous: Rendezvous, *, buffer, evaluation: EvalAccumulator,
                  on_eval: Callable[[dict[str, float]], None],
                  score: Callable[[Sequence[Rollout]], list[np.ndarray]] | None = None) -> None:
@@ -98,6 +101,9 @@ class LearnerIO:
         evals: list[tuple[bytes, Rollout]] = []
         while (received := self.rollouts.recv(timeout_s=0.0)) is not None:
             identity, rollout = received
+            if isinstance(rollout, Heartbeat) and identity is not None:
+                self.rollouts.send(rollout, identity=identity)  # the actors' pool client: alive
+                continue
             if not isinstance(rollout, Rollout) or identity is None:
                 self.rollouts.num_rejected += 1
                 logger.warning("learner rollout socket: ignored a %s", type(rollout).__name__)
@@ -133,9 +139,29 @@ class LearnerIO:
                                     policy_version=rollout.policy_version, error=error), identity=identity)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
+        started = last_log = time.monotonic()
         while (batch := self.buffer.next_batch(step)) is None:
             self.pump(0.05, step)
+            if time.monotonic() - last_log >= self.wait_log_every_s:
+                last_log = time.monotonic()
+                logger.warning("%s", self.waiting_for(step, last_log - started))
         return batch
+
+    def waiting_for(self, step: int, waited_s: float) -> str:
+        """What the batch of ``step`` still lacks, from the buffer and the actors' telemetry."""
+        line = (f"waiting {waited_s:.0f}s for the batch of step {step}: buffer has "
+                f"{self.buffer.slots_accounted(step)}/{self.buffer.batch_size} of its samples")
+        stats = sorted(self.actor_stats.values(), key=lambda s: s.actor_index)
+        if not stats:
+            return line + "; no actor has reported yet"
+        unacked = sum(s.num_unacked for s in stats)
+        silent = sorted({t for s in stats for t in s.silent_teachers})
+        line += (f"; {unacked} rollouts sent and not yet scored; "
+                 f"silent teachers: {', '.join(map(str, silent)) if silent else 'none'}")
+        for s in stats:
+            if s.teacher_pool:
+                line += f"; actor {s.actor_index} (policy version {s.policy_version}): {s.teacher_pool}"
+        return line
 
     def wait_eval(self, version: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -175,6 +201,9 @@ class LearnerIO:
             "actor/retries": sum(s.num_retries for s in stats),
             "actor/rollouts_unscored": sum(s.num_unscored for s in stats),
             "actor/rejected_messages": sum(s.num_rejected_messages for s in stats),
+            "actor/teacher_failovers": sum(s.num_teacher_failovers for s in stats),
+            "actor/teacher_rejoins": sum(s.num_teacher_rejoins for s in stats),
+            "actor/silent_teachers": len({t for s in stats for t in s.silent_teachers}),
             "actor/policy_version_min": min(s.policy_version for s in stats),
         }
 

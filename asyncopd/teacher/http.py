@@ -26,6 +26,14 @@ Connection errors, timeouts and 5xx/429 answers are retried with backoff; a 4xx
 answer or a malformed body is a :class:`TeacherServerError` that names the URL and
 the fix (the worker acks that batch as failed; actors resend it).
 
+Several servers (teacher.url as a list): each request goes to the healthy server
+with the fewest requests in flight (:class:`~asyncopd.transport.pool.TeacherPool`
+keeps that state). A server whose request fails after its retries (or at once, when
+another healthy server exists) is marked unhealthy and the request goes to the next
+one; an unhealthy server is probed (GET <url>/models, short timeout) at most every
+``_PROBE_EVERY_S`` and rejoins when it answers. Only when every server failed does
+the batch fail.
+
 This module owns no sockets of the teacher pool, loads no model and reads no
 config files; :func:`check_served_tokenizer` is the launcher's start-up check.
 """
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +54,7 @@ import numpy as np
 
 from asyncopd.config import TeacherConfig
 from asyncopd.teacher.scorer import TeacherScore, check_topk_width
+from asyncopd.transport.pool import TeacherPool
 from asyncopd.types import Rollout
 
 __all__ = [
@@ -65,6 +75,9 @@ _BACKOFF_S = 0.5
 """First retry delay; doubled on every further retry."""
 _PROBE_IDS = 2048
 """Vocabulary ids (evenly spaced) decoded into the tokenizer probe text."""
+_PROBE_EVERY_S = 5.0
+"""How often an unhealthy server of several is probed for its return."""
+_PROBE_TIMEOUT_S = 2.0
 
 
 class TeacherServerError(RuntimeError):
@@ -151,10 +164,12 @@ class TeacherServer:
         self._client = httpx.Client(timeout=timeout_s, limits=limits, headers=headers, transport=transport)
 
     @classmethod
-    def from_config(cls, cfg: TeacherConfig, *, transport: httpx.BaseTransport | None = None) -> TeacherServer:
-        """The client of teacher.url, with the teacher.http_* settings and teacher.api_key_env."""
-        assert cfg.url is not None, "TeacherConfig validation requires teacher.url with vllm_http"
-        return cls(cfg.url, timeout_s=cfg.http_timeout_s, max_retries=cfg.http_max_retries,
+    def from_config(cls, cfg: TeacherConfig, *, url: str | None = None,
+                    transport: httpx.BaseTransport | None = None) -> TeacherServer:
+        """The client of ``url`` (default: the first of teacher.url), with the teacher.http_*
+        settings and teacher.api_key_env."""
+        assert cfg.urls, "TeacherConfig validation requires teacher.url with vllm_http"
+        return cls(url or cfg.urls[0], timeout_s=cfg.http_timeout_s, max_retries=cfg.http_max_retries,
                    concurrency=cfg.http_concurrency, top_k=cfg.top_k,
                    api_key=api_key_from_env(cfg.api_key_env), api_key_env=cfg.api_key_env, transport=transport)
 
@@ -168,12 +183,13 @@ class TeacherServer:
         self._client.close()
 
     def request(self, method: str, url: str, payload: dict[str, Any] | None = None, *,
-                retries: int | None = None) -> bytes:
+                retries: int | None = None, timeout_s: float | None = None) -> bytes:
         """The body of a 2xx answer; retries transport errors, 5xx and 429 with backoff."""
         retries = self.max_retries if retries is None else retries
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
         for attempt in range(retries + 1):
             try:
-                response = self._client.request(method, url, json=payload)
+                response = self._client.request(method, url, json=payload, timeout=timeout)
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
@@ -220,6 +236,14 @@ class TeacherServer:
             logger.info("waiting for the teacher server at %s", self.url)
             time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
+    def probe(self) -> bool:
+        """Whether the server answers GET <url>/models now (no retry, short timeout)."""
+        try:
+            self.request("GET", f"{self.url}/models", retries=0, timeout_s=_PROBE_TIMEOUT_S)
+            return True
+        except TeacherServerError:
+            return False
+
     def models(self) -> list[_Model]:
         url = f"{self.url}/models"
         return self.decode(self.request("GET", url), _ModelList, url).data
@@ -244,10 +268,10 @@ class TeacherServer:
         body = self.request("POST", url, {"model": model, "prompt": text, "add_special_tokens": False})
         return self.decode(body, _Tokenized, url).tokens
 
-    def complete(self, payload: dict[str, Any]) -> list[_Choice]:
+    def complete(self, payload: dict[str, Any], *, retries: int | None = None) -> list[_Choice]:
         """POST <url>/completions; the choices in prompt order."""
         url = f"{self.url}/completions"
-        choices = sorted(self.decode(self.request("POST", url, payload), _Completion, url).choices,
+        choices = sorted(self.decode(self.request("POST", url, payload, retries=retries), _Completion, url).choices,
                          key=lambda c: c.index)
         if [c.index for c in choices] != list(range(len(payload["prompt"]))):
             raise TeacherServerError(f"{url} answered {len(choices)} choices for {len(payload['prompt'])} prompts. "
@@ -360,11 +384,20 @@ def api_key_from_env(name: str | None) -> str | None:
 class HttpScorer:
     """A :class:`~asyncopd.teacher.scorer.Scorer` backed by a remote vLLM server."""
 
-    def __init__(self, server: TeacherServer, *, model: str, top_k: int = 0, max_request_tokens: int = 8192,
-                 concurrency: int = 4) -> None:
-        """``model``: the served model name; ``max_request_tokens``: prompt+response
-        tokens per request; ``concurrency``: requests in flight."""
-        self.server = server
+    def __init__(self, server: TeacherServer | Sequence[TeacherServer], *, model: str, top_k: int = 0,
+                 max_request_tokens: int = 8192, concurrency: int = 4,
+                 clock: Any = time.monotonic) -> None:
+        """``server``: one server, or several of the same teacher (failover); ``model``:
+        the served model name; ``max_request_tokens``: prompt+response tokens per
+        request; ``concurrency``: requests in flight."""
+        self.servers = [server] if isinstance(server, TeacherServer) else list(server)
+        self.server = self.servers[0]
+        self.health = TeacherPool(len(self.servers), silence_timeout_s=float("inf"),
+                                  heartbeat_interval_s=_PROBE_EVERY_S, clock=clock)
+        self._last_probe = [0.0] * len(self.servers)
+        self._health_lock = threading.Lock()
+        self._num_requests = 0
+        self.clock = clock
         self.model = model
         self.top_k = top_k
         self.max_request_tokens = max_request_tokens
@@ -372,13 +405,25 @@ class HttpScorer:
 
     @classmethod
     def from_config(cls, cfg: TeacherConfig, *, startup_timeout_s: float) -> HttpScorer:
-        """Connect to teacher.url, waiting up to ``startup_timeout_s`` for it to come up."""
-        server = TeacherServer.from_config(cfg)
-        server.wait_until_up(startup_timeout_s)
-        model = server.resolve_model(cfg.served_model).id
-        logger.info("scoring with %r at %s (%d requests in flight)", model, server.url, cfg.http_concurrency)
-        return cls(server, model=model, top_k=cfg.top_k, max_request_tokens=cfg.max_batch_tokens,
-                   concurrency=cfg.http_concurrency)
+        """Connect to teacher.url (the first of them to come up, waiting up to
+        ``startup_timeout_s``); servers not up yet join when they answer a probe."""
+        servers = [TeacherServer.from_config(cfg, url=url) for url in cfg.urls]
+        deadline = time.monotonic() + startup_timeout_s
+        while not (up := [s for s in servers if s.probe()]):
+            if time.monotonic() > deadline:
+                servers[0].wait_until_up(0.0)  # raises with the first server's error and fix
+            logger.info("waiting for a teacher server at %s", ", ".join(cfg.urls))
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        model = up[0].resolve_model(cfg.served_model).id
+        logger.info("scoring with %r at %s (%d requests in flight)", model, ", ".join(s.url for s in up),
+                    cfg.http_concurrency)
+        scorer = cls(servers, model=model, top_k=cfg.top_k, max_request_tokens=cfg.max_batch_tokens,
+                     concurrency=cfg.http_concurrency)
+        for j, server in enumerate(servers):
+            if server not in up:
+                scorer.health.on_failure(j)
+                scorer._last_probe[j] = time.monotonic()
+        return scorer
 
     def score(self, rollouts: Sequence[Rollout]) -> list[TeacherScore]:
         for r in rollouts:
@@ -388,8 +433,8 @@ class HttpScorer:
         return [score for future in futures for score in future.result()]
 
     def _score_group(self, rollouts: list[Rollout]) -> list[TeacherScore]:
-        choices = self.server.complete(build_completion_request(self.model, rollouts, self.top_k))
-        source = f"{self.server.url}/completions"
+        choices, server = self._complete(build_completion_request(self.model, rollouts, self.top_k))
+        source = f"{server.url}/completions"
         results = []
         for r, choice in zip(rollouts, choices):
             if choice.prompt_logprobs is None:
@@ -398,9 +443,56 @@ class HttpScorer:
             results.append(parse_prompt_logprobs(choice.prompt_logprobs, r, self.top_k, source=source))
         return results
 
+    def _complete(self, payload: dict[str, Any]) -> tuple[list[_Choice], TeacherServer]:
+        """POST the request to the healthy server with the fewest in flight; on failure, to the next."""
+        tried: set[int] = set()
+        while True:
+            with self._health_lock:
+                self._probe_due_servers()
+                j = self.health.choose(exclude=tried)
+                others = [k for k in self.health.healthy() if k != j and k not in tried]
+                self._num_requests += 1
+                request_key = f"request-{self._num_requests}"
+                self.health.on_send(j, request_key)
+            server = self.servers[j]
+            try:
+                # With another healthy server, fail over at once instead of backing off here.
+                choices = server.complete(payload, retries=0 if others else None)
+            except TeacherServerRefused:
+                with self._health_lock:
+                    self.health.resolve(request_key)
+                raise  # the server is up and says no: another one of the same teacher would too
+            except TeacherServerError as exc:
+                tried.add(j)
+                with self._health_lock:
+                    self.health.resolve(request_key)
+                    newly = self.health.on_failure(j)
+                    self._last_probe[j] = self.clock()
+                    left = [k for k in range(len(self.servers)) if k not in tried]
+                if not left:
+                    raise
+                if newly:
+                    logger.warning("teacher server %s failed (%s); sending its requests to the other servers and "
+                                   "probing it every %.0f s", server.url, exc, _PROBE_EVERY_S)
+                continue
+            with self._health_lock:
+                self.health.on_reply(j, request_key)
+            return choices, server
+
+    def _probe_due_servers(self) -> None:
+        """Probe unhealthy servers not probed for _PROBE_EVERY_S; the ones that answer rejoin."""
+        now = self.clock()
+        for j in self.health.silent():
+            if now - self._last_probe[j] >= _PROBE_EVERY_S:
+                self._last_probe[j] = now
+                if self.servers[j].probe():
+                    self.health.on_reply(j)
+                    logger.warning("teacher server %s answers again; it gets requests again", self.servers[j].url)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.server.close()
+        for server in self.servers:
+            server.close()
 
 
 def check_served_tokenizer(server: TeacherServer, model: str, student_tokenizer: Any) -> None:

@@ -11,8 +11,10 @@ forwards, forwards each :class:`ScoredRollout` (with the top-k support when
 teacher.top_k > 0) to the learner and acknowledges
 each rollout to the actor that sent it. A rollout that fails to score is
 acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
-keeps serving. It exits on :class:`Shutdown` from the learner. Before serving,
-rank 0 samples the evaluation's teacher references (:mod:`asyncopd.teacher.references`).
+keeps serving. A :class:`Heartbeat` is echoed at once (between forwards), which is
+how actors tell a busy teacher from a dead or frozen one. It exits on
+:class:`Shutdown` from the learner. Before serving, rank 0 samples the evaluation's
+teacher references (:mod:`asyncopd.teacher.references`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from asyncopd.teacher.references import publish_references
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import Rollout, ScoreAck, ScoredRollout, Shutdown
+from asyncopd.types import Heartbeat, Rollout, ScoreAck, ScoredRollout, Shutdown
 
 __all__ = ["TeacherWorker", "run_teacher"]
 
@@ -49,6 +51,7 @@ class TeacherWorker:
         self.to_learner: Channel | None = None
         self.num_scored = 0
         self.num_failed = 0
+        self.num_heartbeats = 0
 
     def connect_learner(self, address: str) -> None:
         self.to_learner = Channel(zmq.PUSH, connect=[address])
@@ -64,6 +67,10 @@ class TeacherWorker:
             if received is None:
                 break
             identity, message = received
+            if isinstance(message, Heartbeat) and identity is not None:
+                self.router.send(message, identity=identity)
+                self.num_heartbeats += 1
+                continue
             if not isinstance(message, Rollout) or identity is None:
                 self.router.num_rejected += 1
                 logger.warning("teacher %d: ignored a %s on its rollout socket", self.index, type(message).__name__)
@@ -133,7 +140,15 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         max_batch_tokens = cfg.teacher.max_batch_tokens * cfg.teacher.http_concurrency
     else:
         assert teacher_path is not None, "the hf backend scores with a local model"
-        scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
+        if cfg.teacher.supervise_scorer:
+            from asyncopd.teacher.supervised import HFScorerFactory, SupervisedScorer
+
+            factory = HFScorerFactory(teacher_path, cfg.model.teacher.dtype, cfg.teacher.top_k,
+                                      cfg.cluster.teacher_threads)
+            scorer = SupervisedScorer(factory, timeout_s=cfg.teacher.request_timeout_s,
+                                      startup_timeout_s=cfg.cluster.startup_timeout_s)
+        else:
+            scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
         max_batch_tokens = cfg.teacher.max_batch_tokens
     worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=max_batch_tokens,
                            batch_wait_s=cfg.teacher.batch_wait_s)
@@ -151,3 +166,5 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         logger.info("teacher %d: scored %d rollouts, %d failed", index, worker.num_scored, worker.num_failed)
     finally:
         worker.close()
+        if hasattr(scorer, "close"):
+            scorer.close()

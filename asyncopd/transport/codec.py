@@ -21,7 +21,7 @@ import numpy as np
 
 from asyncopd.types import Message, ScoredRollout
 
-__all__ = ["MalformedMessage", "encode", "decode", "encode_batch", "decode_batch"]
+__all__ = ["MalformedMessage", "encode", "decode", "encode_batch", "decode_batch", "encode_value", "decode_value"]
 
 _ARRAY_1D_EXT = 1  # dtype (4 bytes) + raw bytes
 _ARRAY_ND_EXT = 2  # dtype (4 bytes) + ndim (1 byte) + shape (ndim x uint32 LE) + raw bytes
@@ -99,5 +99,19 @@ def encode_batch(batch: list[ScoredRollout]) -> bytes:
 def decode_batch(data: bytes) -> list[ScoredRollout]:
     try:
         return _batch_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise MalformedMessage(str(exc)) from None
+
+
+def encode_value(value: Any) -> bytes:
+    """Any msgpack-able value (structs, lists, numpy arrays) in the wire encoding; for
+    private pipes such as a teacher rank's scorer process (never pickle)."""
+    return _encoder.encode(value)
+
+
+def decode_value(data: bytes, kind: Any) -> Any:
+    """The inverse of :func:`encode_value`, validated as ``kind``."""
+    try:
+        return msgspec.msgpack.decode(data, type=kind, ext_hook=_ext_hook, dec_hook=_dec_hook)
     except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
         raise MalformedMessage(str(exc)) from None

@@ -4,12 +4,20 @@ Every role binds its sockets on an OS-chosen port, publishes the address under a
 well-known key, and looks its peers up the same way; nobody types addresses.
 The store is the one torchrun already runs (``dist.rendezvous("env://")``).
 
+The store is unauthenticated (any process that reaches it can write keys), so the
+one key that acts on its own, the shutdown flag, is signed with the job key
+(HMAC-SHA256) when the job has one; a flag without a valid signature is ignored and
+logged. Endpoints need no signature: CURVE refuses a peer that does not hold the job
+key, so a forged address can only fail a connection, not feed or stop the job.
+
 This module does not open sockets; it only moves strings (and encoded messages,
 such as the teacher's evaluation references) through the store.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from datetime import timedelta
@@ -31,18 +39,22 @@ TEACHER_REFERENCES_KEY = "eval/teacher_references"
 class Rendezvous:
     """The job's key-value store plus this process's rank and the world size."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, *,
+                 signing_key: bytes | None = None) -> None:
+        """``signing_key``: the job's secret key, to sign and check the shutdown flag (None: unsigned)."""
         self.store = store
+        self.signing_key = signing_key
+        self.num_forged_shutdowns = 0
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         store.set_timeout(timedelta(seconds=timeout_s))
 
     @classmethod
-    def from_env(cls, timeout_s: float) -> "Rendezvous":
+    def from_env(cls, timeout_s: float, *, signing_key: bytes | None = None) -> "Rendezvous":
         """Connect to torchrun's store (MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE)."""
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-        return cls(store, rank, world_size, timeout_s)
+        return cls(store, rank, world_size, timeout_s, signing_key=signing_key)
 
     def publish(self, key: str, value: str) -> None:
         self.store.set(f"{_PREFIX}/{key}", value)
@@ -67,11 +79,27 @@ class Rendezvous:
 
     def announce_shutdown(self, reason: str) -> None:
         """Tell every role the job is over (read by :meth:`shutdown_requested`)."""
-        self.store.set(f"{_PREFIX}/shutdown", reason)
+        self.store.set(f"{_PREFIX}/shutdown", f"{self._signature(reason)}:{reason}")
+
+    def _signature(self, reason: str) -> str:
+        if self.signing_key is None:
+            return "unsigned"
+        return hmac.new(self.signing_key, f"{_PREFIX}/shutdown:{reason}".encode(), hashlib.sha256).hexdigest()
 
     def shutdown_requested(self) -> bool:
-        """Whether the learner announced the end of the job (non-blocking)."""
-        return self.store.check([f"{_PREFIX}/shutdown"])
+        """Whether the learner announced the end of the job (non-blocking); a flag
+        without the job key's signature is ignored (counted and logged)."""
+        key = f"{_PREFIX}/shutdown"
+        if not self.store.check([key]):
+            return False
+        signature, _, reason = self.store.get(key).decode(errors="replace").partition(":")
+        if hmac.compare_digest(signature, self._signature(reason)):
+            return True
+        self.num_forged_shutdowns += 1
+        if self.num_forged_shutdowns & (self.num_forged_shutdowns - 1) == 0:  # 1, 2, 4, ...
+            logger.warning("rank %d: ignored a shutdown flag in the rendezvous store without the job key's "
+                           "signature (%d so far): someone else wrote it", self.rank, self.num_forged_shutdowns)
+        return False
 
     def barrier(self, name: str) -> None:
         """Block until all ranks reached the barrier ``name`` (used once per name)."""

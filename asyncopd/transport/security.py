@@ -17,7 +17,9 @@ authenticator (a valid CURVE client with another key) are counted and logged.
 The key comes from ``cluster.auth_key_file`` (a pyzmq certificate, written by
 ``python -m asyncopd.transport.security keygen DIR`` and copied to every node like an
 SSH key) or, for a single-node job started by ``python -m asyncopd.launch``, is made
-in memory by the launcher and handed to its ranks through the environment.
+in memory by the launcher and handed to its ranks through the environment. The ranks
+of a single-node world started with ``torchrun`` directly share a key file that the
+first of them creates (mode 600) in the run directory (:func:`shared_key_file`).
 
 This module does not read ``os.environ`` (the launcher does) and does not open
 sockets (``sockets.configure_security`` installs a :class:`CurveSecurity` that every
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
+import os
 import stat
 import sys
 import threading
@@ -41,7 +44,8 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from asyncopd.config import ClusterConfig, ConfigError
 
-__all__ = ["JobKey", "CurveSecurity", "job_key_for", "require_curve", "JOB_SECRET_ENV", "KEYGEN_COMMAND"]
+__all__ = ["JobKey", "CurveSecurity", "job_key_for", "shared_key_file", "require_curve", "JOB_SECRET_ENV",
+           "KEYGEN_COMMAND", "SHARED_KEY_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ JOB_SECRET_ENV = "ASYNCOPD_JOB_SECRET_KEY"
 """Environment variable through which the launcher hands a generated job key to its ranks."""
 KEYGEN_COMMAND = "python -m asyncopd.transport.security keygen DIR"
 _KEY_NAME = "asyncopd_job"
+SHARED_KEY_NAME = ".asyncopd_job.key_secret"
+"""File name of the key the ranks of a directly started single-node world share."""
 _ZAP_DOMAIN = "asyncopd"
 
 
@@ -108,12 +114,14 @@ def require_curve() -> None:
 
 
 def job_key_for(cluster: ClusterConfig, *, inherited_secret: str | None, num_nodes: int,
-                can_generate: bool) -> JobKey | None:
+                can_generate: bool, shared_key_dir: Path | None = None) -> JobKey | None:
     """The job key this process should use, or None when the job runs without auth.
 
     ``inherited_secret`` is what a parent launcher handed down (None if nothing);
     ``can_generate`` is true only for the launcher that starts a single-node world
-    itself, so that all its ranks share the key it makes.
+    itself, so that all its ranks share the key it makes; ``shared_key_dir`` (the run
+    directory) is where the ranks of a single-node world started without that launcher
+    share one (:func:`shared_key_file`).
     """
     if cluster.resolved_auth == "none":
         return None
@@ -124,6 +132,8 @@ def job_key_for(cluster: ClusterConfig, *, inherited_secret: str | None, num_nod
         return JobKey.from_secret(inherited_secret.encode())
     if can_generate:
         return JobKey.generate()
+    if num_nodes == 1 and shared_key_dir is not None:
+        return JobKey.load(shared_key_file(shared_key_dir))
     if num_nodes > 1:
         raise ConfigError(
             f"cluster.auth_key_file=None: the job spans {num_nodes} nodes and cluster.auth="
@@ -211,6 +221,28 @@ def _process_authenticator() -> ThreadAuthenticator:
             _authenticator = ThreadAuthenticator(zmq.Context.instance())
             _authenticator.start()
         return _authenticator
+
+
+def shared_key_file(directory: Path) -> Path:
+    """``directory``/.asyncopd_job.key_secret: created with a new keypair (mode 600) by the
+    first process to get here, read by the others, kept for later restarts.
+
+    Creation is atomic (written aside, then hard-linked into place, which fails if the
+    file exists), so ranks racing at start-up all end up with the same key. Whoever can
+    read the file can join the job: it is as private as the user's own processes.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SHARED_KEY_NAME
+    if not path.exists():
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".asyncopd_key_") as scratch:
+            made = keygen(Path(scratch))
+            try:
+                os.link(made, path)
+            except FileExistsError:
+                pass  # another rank was first: use its key
+    return path
 
 
 def keygen(directory: Path) -> Path:

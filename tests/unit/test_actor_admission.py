@@ -97,9 +97,11 @@ def push_weights(loop, control, version: int) -> None:
 
 
 def drain_rollouts(teacher: Channel) -> list[Rollout]:
+    """The rollouts that reached the fake teacher (its heartbeats left out)."""
     out = []
     while (got := teacher.recv(timeout_s=0.05)) is not None:
-        out.append(got[1])
+        if isinstance(got[1], Rollout):
+            out.append(got[1])
     return out
 
 
@@ -165,6 +167,8 @@ def test_unscored_rollout_is_resampled_for_the_same_slot() -> None:
     resampled = [r for r in again if r.rollout_id != victim.rollout_id]
     assert len(resampled) == 1
     assert (resampled[0].batch_index, resampled[0].group_id) == (victim.batch_index, victim.group_id)
+    # It fills the dropped sample's slot: the buffer keeps only one of the two should both arrive.
+    assert resampled[0].slot_id == victim.rollout_id and resampled[0].slot == victim.slot == victim.rollout_id
 
 
 def test_shutdown_ends_the_loop() -> None:

@@ -72,3 +72,40 @@ def test_duplicates_late_samples_and_overflow_are_counted() -> None:
     assert len(buffer.next_batch(0)) == 1
     assert not buffer.put(S("late", 0, 0), 1)
     assert buffer.stats.dropped_late == 1
+
+
+@dataclass(frozen=True)
+class Resample:
+    """A sample that replaces a dropped one: it fills the dropped sample's slot."""
+
+    rollout_id: str
+    batch_index: int
+    policy_version: int
+    slot: str
+
+
+def test_a_late_original_and_its_resample_fill_one_slot() -> None:
+    # teacher.on_failure=drop: the actor gave up on "0-0" and sampled its slot again as
+    # "0-0r"; the frozen teacher then thawed and scored "0-0" after all.
+    buffer = StalenessBuffer(batch_size=4, max_staleness=1, capacity=12)
+    fill(buffer, 0, 3, version=0, learner_version=0, tag="a")
+    assert buffer.put(Resample("0-0r", 0, 0, slot="late-0"), 0)
+    assert not buffer.put(S("late-0", 0, 0), 0)  # the original, late: its slot is taken
+    assert buffer.stats.dropped_superseded == 1
+    batch = buffer.next_batch(0)
+    assert sorted(s.rollout_id for s in batch) == ["0-0r", "a0-0", "a0-1", "a0-2"]
+
+
+def test_the_original_arriving_first_refuses_the_resample() -> None:
+    buffer = StalenessBuffer(batch_size=2, max_staleness=1, capacity=8)
+    assert buffer.put(S("x", 0, 0), 0)
+    assert not buffer.put(Resample("x-r", 0, 0, slot="x"), 0)
+    assert buffer.stats.dropped_superseded == 1 and not buffer.ready(0)
+
+
+def test_a_step_never_holds_more_than_batch_size_samples() -> None:
+    buffer = StalenessBuffer(batch_size=8, max_staleness=1, capacity=32)
+    fill(buffer, 0, 14, version=0, learner_version=0)  # the 14-sample step of issue 10
+    batch = buffer.next_batch(0)
+    assert len(batch) == 8 and buffer.stats.dropped_superseded == 6
+    assert buffer.slots_accounted(1) == 0

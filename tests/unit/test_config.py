@@ -124,11 +124,11 @@ def test_unknown_config_name_lists_choices() -> None:
 # ---- cluster.auth: which security a job gets, and the job key ----------------------------------
 
 @pytest.mark.parametrize(("host", "auth", "expected"), [
-    ("127.0.0.1", "auto", "none"), ("localhost", "auto", "none"), ("::1", "auto", "none"),
+    ("127.0.0.1", "auto", "curve"), ("localhost", "auto", "curve"), ("::1", "auto", "curve"),
     ("10.0.0.2", "auto", "curve"), ("node7", "auto", "curve"), ("0.0.0.0", "auto", "curve"),
-    ("127.0.0.1", "curve", "curve"), ("10.0.0.2", "none", "none"),
+    ("127.0.0.1", "curve", "curve"), ("10.0.0.2", "none", "none"), ("127.0.0.1", "none", "none"),
 ])
-def test_auth_auto_is_curve_off_loopback(host: str, auth: str, expected: str) -> None:
+def test_auth_auto_is_curve_on_loopback_too(host: str, auth: str, expected: str) -> None:
     assert from_dict({"cluster": {"host": host, "auth": auth}}).cluster.resolved_auth == expected
 
 
@@ -146,7 +146,8 @@ def curve_cluster(**fields):
 def test_job_key_sources() -> None:
     from asyncopd.transport.security import JobKey, job_key_for
 
-    assert job_key_for(from_dict({}).cluster, inherited_secret=None, num_nodes=1, can_generate=False) is None
+    assert job_key_for(from_dict({"cluster": {"auth": "none"}}).cluster, inherited_secret=None, num_nodes=1,
+                       can_generate=False) is None
     made = job_key_for(curve_cluster(), inherited_secret=None, num_nodes=1, can_generate=True)
     assert made is not None and JobKey.from_secret(made.secret).public == made.public
     inherited = job_key_for(curve_cluster(), inherited_secret=made.secret.decode(), num_nodes=2, can_generate=False)
@@ -212,7 +213,8 @@ def test_libzmq_without_curve_fails_clearly(monkeypatch) -> None:
     monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve")
     with pytest.raises(ConfigError, match="built without CURVE.*Fix"):
         job_key_for(curve_cluster(), inherited_secret=None, num_nodes=1, can_generate=True)
-    assert job_key_for(from_dict({}).cluster, inherited_secret=None, num_nodes=1, can_generate=True) is None
+    assert job_key_for(from_dict({"cluster": {"auth": "none"}}).cluster, inherited_secret=None, num_nodes=1,
+                       can_generate=True) is None
 
 
 def test_the_launcher_hands_one_job_key_to_its_ranks(monkeypatch) -> None:
@@ -233,4 +235,32 @@ def test_the_launcher_hands_one_job_key_to_its_ranks(monkeypatch) -> None:
             install_security(from_dict({"cluster": {"host": "10.0.0.2"}}))
     finally:
         configure_security(None)
-    assert JOB_SECRET_ENV not in world_environment(from_dict({}))
+    assert JOB_SECRET_ENV not in world_environment(from_dict({"cluster": {"auth": "none"}}))
+    assert JOB_SECRET_ENV in world_environment(from_dict({}))  # the default is authenticated
+
+
+def test_ranks_of_a_directly_started_world_share_one_private_key_file(tmp_path: Path) -> None:
+    import threading
+
+    from asyncopd.transport.security import SHARED_KEY_NAME, job_key_for
+
+    cluster = from_dict({}).cluster
+    keys: list = []
+
+    def rank() -> None:
+        keys.append(job_key_for(cluster, inherited_secret=None, num_nodes=1, can_generate=False,
+                                shared_key_dir=tmp_path / "run"))
+
+    ranks = [threading.Thread(target=rank) for _ in range(6)]  # racing at start-up
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(keys) == 6 and len({k.public for k in keys}) == 1
+    assert (tmp_path / "run" / SHARED_KEY_NAME).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [SHARED_KEY_NAME]  # no scratch left
+    again = job_key_for(cluster, inherited_secret=None, num_nodes=1, can_generate=False,
+                        shared_key_dir=tmp_path / "run")
+    assert again == keys[0]  # a torchrun restart finds the same key
+    with pytest.raises(ConfigError, match="spans 2 nodes"):  # never for a multi-node job
+        job_key_for(cluster, inherited_secret=None, num_nodes=2, can_generate=False, shared_key_dir=tmp_path)

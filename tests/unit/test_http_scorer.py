@@ -389,3 +389,71 @@ def test_the_api_key_variable_is_validated() -> None:
         TeacherConfig(backend="vllm_http", url=URL, api_key_env="sk-abc123")
     with pytest.raises(ConfigError, match=r"teacher.api_key_env='K': is used only by teacher.backend=vllm_http"):
         TeacherConfig(api_key_env="K")
+
+
+# ---- several servers: failover and rejoin ----------------------------------------------------
+
+class Switchable:
+    """A FakeVllm that can be taken down (connection refused) and brought back."""
+
+    def __init__(self) -> None:
+        self.vllm = FakeVllm()
+        self.down = False
+        self.calls = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        return self.vllm(request)
+
+
+def test_a_failed_server_is_skipped_at_once_and_rejoins_when_a_probe_answers() -> None:
+    clock = [0.0]
+    backends = [Switchable(), Switchable()]
+    servers = [TeacherServer(f"http://teacher{j}.test:8000/v1", transport=httpx.MockTransport(b), max_retries=3)
+               for j, b in enumerate(backends)]
+    scorer = HttpScorer(servers, model="teacher", concurrency=1, clock=lambda: clock[0])
+    rollouts = random_rollouts(2)
+    scorer.score(rollouts)
+    scorer.score(rollouts)
+    assert [len(b.vllm.requests) for b in backends] == [1, 1]  # spread over both
+    backends[0].down = True
+    for _ in range(4):
+        scores = scorer.score(rollouts)
+        np.testing.assert_allclose(scores[1].logprobs, reference(rollouts[1], 0)[0], atol=1e-6)
+    assert scorer.health.silent() == [0]
+    assert backends[0].calls == 1 + 1  # one failed request (no retries with backoff), then skipped
+    assert len(backends[1].vllm.requests) == 1 + 4
+    backends[0].down = False
+    clock[0] += 4.0
+    scorer.score(rollouts)
+    assert scorer.health.silent() == [0]  # not probed again yet
+    clock[0] += 1.5
+    scorer.score(rollouts)
+    scorer.score(rollouts)
+    assert scorer.health.silent() == [] and scorer.health.num_rejoined == 1
+    assert len(backends[0].vllm.requests) >= 2  # it gets requests again
+
+
+def test_only_when_every_server_failed_does_a_batch_fail() -> None:
+    backends = [Switchable(), Switchable()]
+    for b in backends:
+        b.down = True
+    servers = [TeacherServer(f"http://teacher{j}.test:8000/v1", transport=httpx.MockTransport(b), max_retries=1)
+               for j, b in enumerate(backends)]
+    with pytest.raises(TeacherServerError, match=r"teacher1.test:8000/v1/completions failed 2 times"):
+        HttpScorer(servers, model="teacher").score(random_rollouts(1))
+    assert [b.calls for b in backends] == [1, 2]  # the first fails over at once; the last one retries
+
+
+def test_teacher_url_takes_a_list_of_servers() -> None:
+    from asyncopd.config import ConfigError, TeacherConfig
+
+    cfg = TeacherConfig(backend="vllm_http", url=["http://a:8000/v1", "http://b:8000/v1"])
+    assert cfg.urls == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert TeacherConfig(backend="vllm_http", url="http://a:8000/v1").urls == ["http://a:8000/v1"]
+    with pytest.raises(ConfigError, match="teacher.url='ftp://b'.*not an http"):
+        TeacherConfig(backend="vllm_http", url=["http://a:8000/v1", "ftp://b"])
+    with pytest.raises(ConfigError, match="teacher.url=\\[\\].*empty list"):
+        TeacherConfig(backend="vllm_http", url=[])

@@ -59,7 +59,7 @@ def sampling_seeds(run_seed: int, actor_index: int = 0) -> list[int | None]:
     cfg = from_dict({"run": {"seed": run_seed}, "cluster": {"actors": 2}, "learner": {"batch_size": 8}})
     engine = RecordingEngine()
     loop = ActorLoop(cfg, actor_index, engine=engine, task=None, tokenizer=None, weight_group=None, inbox=None,
-                     dealer=None, stats_out=None)
+                     dealer=[None], stats_out=None)  # a pool of one teacher that is never sent to
     prompt = Prompt(text="1+2=", answer="3", index=0)
     for kind in ("train", "train", "eval_sample", "eval_greedy"):
         loop._submit(_Request(kind, prompt, [1, 2], 0, 0))
