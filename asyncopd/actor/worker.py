@@ -28,6 +28,13 @@ teacher idle meanwhile. Held-out evaluation requests (greedy for accuracy, T=1
 samples for reverse KL) are admitted whenever the engine reaches an eval
 version; weights are not swapped under them.
 
+Restarts. The learner says where this attempt starts (a
+:class:`~asyncopd.types.ResumePoint` in the store): the prompt cursor begins at
+its ``first_batch`` (earlier steps' samples survived in the checkpoint) and
+evaluations already done are not redone. Request ids and sampling seeds follow
+the slot (prompt group, sample, resample) rather than a per-process counter, so
+a restarted actor draws the same samples as an uninterrupted one.
+
 This module owns no model math and never imports another role.
 """
 
@@ -38,6 +45,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -47,7 +55,7 @@ from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
-from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, WeightUpdate
+from asyncopd.types import ActorStats, ResumePoint, Rollout, ScoreAck, Shutdown, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
 
@@ -73,6 +81,10 @@ class _Request:
     prompt_ids: list[int]
     group_id: int
     batch_index: int
+    sample: int = 0
+    """Which of the group's samples (train) or of the prompt's eval samples this is."""
+    resample: int = 0
+    """How often this slot was sampled again after its rollout went unscored."""
 
 
 @dataclass(slots=True)
@@ -87,7 +99,7 @@ class ActorLoop:
     """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
     def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
-                 inbox: Channel, dealer: Channel, stats_out: Channel) -> None:
+                 inbox: Channel, dealer: Channel, stats_out: Channel, resume: ResumePoint | None = None) -> None:
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
         self.weight_group, self.inbox, self.dealer, self.stats_out = weight_group, inbox, dealer, stats_out
         actor = cfg.actor
@@ -110,6 +122,8 @@ class ActorLoop:
         self.weight_sync_s = 0.0
         self.num_retries = 0
         self.num_unscored = 0
+        self.resume = resume
+        self.waiting_since = time.monotonic()
 
     # ---- admission ---------------------------------------------------------------------------
     def _batch_of(self, group: int) -> int:
@@ -137,9 +151,8 @@ class ActorLoop:
             return
         with trace.span("admit", groups=len(admitted)):
             for (prompt, group, k), ids in zip(admitted, self._encode([p for p, _, _ in admitted])):
-                request = _Request("train", prompt, ids, self.index + self.cfg.cluster.actors * group, k)
-                for _ in range(self.group_size):
-                    self._submit(request)
+                for j in range(self.group_size):
+                    self._submit(_Request("train", prompt, ids, self.index + self.cfg.cluster.actors * group, k, j))
 
     def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
         if not prompts:  # e.g. more actors than held-out prompts
@@ -147,8 +160,7 @@ class ActorLoop:
         return [list(ids) for ids in self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
 
     def _submit(self, request: _Request) -> None:
-        request_id = f"{self.index}-{self.seq}"
-        sample_seed = (self.cfg.actor.seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
+        request_id, sample_seed = self._slot_id_and_seed(request)
         self.seq += 1
         if request.kind == "eval_greedy":
             self.engine.add(request_id, request.prompt_ids, greedy=True)
@@ -158,12 +170,25 @@ class ActorLoop:
             self.engine.add(request_id, request.prompt_ids, seed=sample_seed)
         self.inflight[request_id] = request
 
+    def _slot_id_and_seed(self, request: _Request) -> tuple[str, int]:
+        """A job-unique request id and a sampling seed that depend on the slot only
+        (not on how many requests this process made), so a restart resamples alike."""
+        if request.kind == "train":
+            slot, where = f"t{request.group_id}", request.group_id
+        else:  # eval: the version under evaluation and the held-out prompt
+            kind = "g" if request.kind == "eval_greedy" else "e"
+            slot, where = f"{kind}{request.batch_index}.{request.prompt.index}", (
+                2**30 + request.batch_index * 1_000_003 + request.prompt.index)
+        request_id = f"{self.index}-{slot}.{request.sample}" + (f"r{request.resample}" if request.resample else "")
+        seed = self.cfg.actor.seed * 1_000_003 + where * 7_919 + request.sample * 131 + request.resample * 17
+        return request_id, seed % (2**31)
+
     def _admit_eval(self, version: int) -> None:
         prompts = self.task.eval_prompts()[self.index::self.cfg.cluster.actors]
         for prompt, ids in zip(prompts, self._encode(prompts)):
             self._submit(_Request("eval_greedy", prompt, ids, prompt.index, version))
-            for _ in range(self.cfg.eval.rkl_samples):
-                self._submit(_Request("eval_sample", prompt, ids, prompt.index, version))
+            for j in range(self.cfg.eval.rkl_samples):
+                self._submit(_Request("eval_sample", prompt, ids, prompt.index, version, j))
         self.evaluated.add(version)
         logger.info("actor %d: evaluating policy version %d", self.index, version)
 
@@ -191,9 +216,12 @@ class ActorLoop:
         first = self.policy_version is None
         self.policy_version = update.policy_version
         if first:
-            self.next_group = update.policy_version * self.groups_per_step
+            resume = self.resume or ResumePoint(policy_version=update.policy_version,
+                                                run_start_version=update.policy_version,
+                                                first_batch=update.policy_version)
+            self.next_group = resume.first_batch * self.groups_per_step
             self.prompts = self.task.train_prompts(self.index, self.cfg.cluster.actors, start=self.next_group)
-            self.eval_due = eval_versions(self.cfg, update.policy_version)
+            self.eval_due = eval_versions(self.cfg, resume.run_start_version) - set(resume.evaluated)
         if self.policy_version in self.eval_due and self.policy_version not in self.evaluated:
             self._admit_eval(self.policy_version)
         logger.debug("actor %d: now at policy version %d (%.3fs)", self.index, self.policy_version, self.weight_sync_s)
@@ -254,7 +282,17 @@ class ActorLoop:
                 "or set teacher.on_failure=drop to resample such slots."
             )
         logger.warning("actor %d: dropping unscored %s and sampling its slot again", self.index, rollout_id)
-        self._submit(entry.request)
+        request = entry.request
+        self._submit(_Request(request.kind, request.prompt, request.prompt_ids, request.group_id,
+                              request.batch_index, request.sample, request.resample + 1))
+
+    def _check_first_weights(self) -> None:
+        timeout_s = self.cfg.cluster.startup_timeout_s
+        if time.monotonic() - self.waiting_since > timeout_s:
+            raise TimeoutError(
+                f"actor {self.index}: no weights from the learner within cluster.startup_timeout_s={timeout_s:g}s "
+                "after start-up. The learner is stuck or gone (see its log), or loading its checkpoint is slow: "
+                "raise cluster.startup_timeout_s.")
 
     def _send_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -287,6 +325,8 @@ class ActorLoop:
 
     def run_once(self, idle_wait_s: float = 0.05) -> bool:
         """One turn: messages, weights, admission, one engine step. False on shutdown."""
+        if self.policy_version is None and not self.pending_updates:
+            self._check_first_weights()
         idle = self.engine.num_unfinished == 0 and not self._may_admit() and not self.pending_updates
         if not self._handle_messages(idle_wait_s if idle else 0.0):
             return False
@@ -326,8 +366,9 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
     weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
     rendezvous.barrier("connected")
+    resume = msgspec.json.decode(rendezvous.lookup("resume"), type=ResumePoint)
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealer, stats_out=stats_out)
+                     inbox=inbox, dealer=dealer, stats_out=stats_out, resume=resume)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)

@@ -48,12 +48,15 @@ class LearnerIO:
         self.num_unexpected = 0
         self.last_eval: dict[str, float] = {}
 
-    def pump(self, timeout_s: float, learner_version: int) -> None:
-        """Route whatever arrives within ``timeout_s`` (then everything queued)."""
+    def pump(self, timeout_s: float, learner_version: int) -> int:
+        """Route whatever arrives within ``timeout_s`` (then everything queued);
+        returns the number of scored rollouts routed."""
         received = self.inbox.recv(timeout_s=timeout_s)
+        num_scored = 0
         while received is not None:
             message = received[1]
             if isinstance(message, ScoredRollout):
+                num_scored += 1
                 if message.rollout.kind == "train":
                     self.buffer.put(message, learner_version)
                 else:
@@ -67,11 +70,26 @@ class LearnerIO:
                 self.num_unexpected += 1
                 logger.warning("learner inbox: ignored a %s", type(message).__name__)
             received = self.inbox.recv(timeout_s=0.0)
+        return num_scored
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
+        stall = _StallTimer(self.cfg.learner.batch_timeout_s)
         while (batch := self.buffer.next_batch(step)) is None:
-            self.pump(0.05, step)
+            stall.check(self.pump(0.05, step), lambda: f"the batch of step {step} ({self._fill(step)})")
         return batch
+
+    def wait_ready(self, steps: range) -> None:
+        """Wait until the batches of ``steps`` are complete, leaving them in the buffer
+        (a checkpoint saves them)."""
+        stall = _StallTimer(self.cfg.learner.batch_timeout_s)
+        for step in steps:
+            while not self.buffer.ready(step):
+                stall.check(self.pump(0.05, steps.start),
+                            lambda: f"the batch of step {step}, to checkpoint it ({self._fill(step)})")
+
+    def _fill(self, step: int) -> str:
+        held, _ = self.buffer.snapshot(range(step, step + 1))
+        return f"{len(held)} of {self.buffer.batch_size} samples arrived"
 
     def wait_eval(self, version: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -118,3 +136,22 @@ class LearnerIO:
         self.inbox.close()
         for channel in (*self.actor_controls, *self.teacher_controls):
             channel.close(linger_s=2.0)  # let a queued Shutdown leave
+
+
+class _StallTimer:
+    """Fails a wait once ``timeout_s`` pass without a scored rollout arriving."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last_progress = time.monotonic()
+
+    def check(self, num_arrived: int, waiting_for: Callable[[], str]) -> None:
+        now = time.monotonic()
+        if num_arrived:
+            self.last_progress = now
+        elif now - self.last_progress > self.timeout_s:
+            raise TimeoutError(
+                f"learner: waited learner.batch_timeout_s={self.timeout_s:g}s for {waiting_for()} with no scored "
+                "rollout arriving. An actor or teacher is stalled or gone (see their logs). Fix: restart the job "
+                "(learner.resume=auto continues from the last checkpoint), or raise learner.batch_timeout_s "
+                "for very slow scoring.")

@@ -4,6 +4,13 @@ Every role binds its sockets on an OS-chosen port, publishes the address under a
 well-known key, and looks its peers up the same way; nobody types addresses.
 The store is the one torchrun already runs (``dist.rendezvous("env://")``).
 
+Restart attempts. Under ``torchrun --max-restarts=N`` the store outlives a
+failed world: a restarted world would read the dead one's addresses and barrier
+counts and wait forever. Every key therefore lives under
+``asyncopd/attempt_<TORCHELASTIC_RESTART_COUNT>/`` (:attr:`Rendezvous.store` is
+that prefixed store, so the process groups built on it are scoped too), and every
+wait here has a timeout whose error names what it waited for.
+
 This module does not open sockets; it only moves strings through the store.
 """
 
@@ -25,51 +32,57 @@ _PREFIX = "asyncopd"
 class Rendezvous:
     """The job's key-value store plus this process's rank and the world size."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float) -> None:
-        self.store = store
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float, attempt: int = 0) -> None:
+        self.attempt = attempt
+        """torchrun's restart count (TORCHELASTIC_RESTART_COUNT): 0, then 1 after the first restart."""
+        self.store = dist.PrefixStore(f"{_PREFIX}/attempt_{attempt}", store)
+        """The store seen through this attempt's prefix (build process groups on it)."""
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         store.set_timeout(timedelta(seconds=timeout_s))
+        self.store.set_timeout(timedelta(seconds=timeout_s))
 
     @classmethod
-    def from_env(cls, timeout_s: float) -> "Rendezvous":
-        """Connect to torchrun's store (MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE)."""
+    def from_env(cls, timeout_s: float, attempt: int = 0) -> "Rendezvous":
+        """Connect to torchrun's store (MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE);
+        ``attempt``: torchrun's restart count, read by the launcher."""
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
-        return cls(store, rank, world_size, timeout_s)
+        return cls(store, rank, world_size, timeout_s, attempt)
 
     def publish(self, key: str, value: str) -> None:
-        self.store.set(f"{_PREFIX}/{key}", value)
+        self.store.set(key, value)
 
     def lookup(self, key: str) -> str:
         """The value published under ``key``; waits up to ``timeout_s`` for it."""
         try:
-            return self.store.get(f"{_PREFIX}/{key}").decode()
+            return self.store.get(key).decode()
         except RuntimeError as exc:  # the store raises on timeout
             raise TimeoutError(
                 f"no peer published {key!r} within cluster.startup_timeout_s={self.timeout_s:g}s "
-                f"(rank {self.rank}). A peer may have died during start-up (see its traceback), "
-                "or start-up is slow: raise cluster.startup_timeout_s."
+                f"(rank {self.rank}, restart attempt {self.attempt}). A peer may have died during start-up "
+                "(see its traceback), or start-up is slow: raise cluster.startup_timeout_s."
             ) from exc
 
     def announce_shutdown(self, reason: str) -> None:
         """Tell every role the job is over (read by :meth:`shutdown_requested`)."""
-        self.store.set(f"{_PREFIX}/shutdown", reason)
+        self.store.set("shutdown", reason)
 
     def shutdown_requested(self) -> bool:
         """Whether the learner announced the end of the job (non-blocking)."""
-        return self.store.check([f"{_PREFIX}/shutdown"])
+        return self.store.check(["shutdown"])
 
     def barrier(self, name: str) -> None:
         """Block until all ranks reached the barrier ``name`` (used once per name)."""
-        key = f"{_PREFIX}/barrier/{name}"
+        key = f"barrier/{name}"
         arrived = self.store.add(key, 1)
         deadline = time.monotonic() + self.timeout_s
         while arrived < self.world_size:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"barrier {name!r}: {arrived}/{self.world_size} ranks arrived within "
-                    f"cluster.startup_timeout_s={self.timeout_s:g}s; a peer died or is stuck."
+                    f"cluster.startup_timeout_s={self.timeout_s:g}s (restart attempt {self.attempt}); "
+                    "a peer died or is stuck (see its log), or start-up is slow: raise cluster.startup_timeout_s."
                 )
             time.sleep(0.05)
             arrived = self.store.add(key, 0)
