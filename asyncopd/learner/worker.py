@@ -171,6 +171,11 @@ class Learner:
         buffered = path / BUFFER_FILE
         restored = codec.decode_batch(buffered.read_bytes()) if self.index == 0 and buffered.is_file() else []
         self.resumed_from = path
+        if extra["policy_version"] >= cfg.learner.num_steps and self.index == 0:
+            logger.warning("%s already holds a finished run (policy version %d, learner.num_steps=%d): nothing to "
+                           "train. Fix: raise learner.num_steps to train on, or give the job another run.name "
+                           "(or learner.resume=null) to train afresh.", self.run_dir, extra["policy_version"],
+                           cfg.learner.num_steps)
         logger.info("resumed from %s at policy version %d (%d buffered samples of steps %d..%d restored)", path,
                     extra["policy_version"], len(restored), extra["policy_version"],
                     extra.get("first_batch", extra["policy_version"]) - 1)
