@@ -54,6 +54,8 @@ __all__ = ["run_learner"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Cumulative actor counters a checkpoint carries over to the restarted actors' own.
+_ACTOR_COUNTERS = ("actor/tokens_generated", "actor/retries", "actor/rollouts_unscored", "actor/rejected_messages")
 
 
 def _share_batch(batch: list[ScoredRollout] | None, rank: int, world_size: int) -> list[ScoredRollout]:
@@ -128,6 +130,7 @@ class Learner:
         self.samples_regenerated = int(resumed.get("samples_regenerated", 0))
         self.num_resumes = int(resumed.get("num_resumes", -1)) + 1 if resumed else 0
         self.last_checkpoint_time = time.monotonic()
+        self.actor_offsets: dict[str, float] = dict(resumed.get("actor_counters", {}))
         self.io: LearnerIO | None = None
         self.metrics: MetricsWriter | None = None
         self.evals: dict[int, dict[str, float]] = {}
@@ -214,6 +217,14 @@ class Learner:
         self.io.announce(update)
         return broadcast_weights(self.weight_group, update, tensors)
 
+    def _actor_metrics(self, previous_stats: dict) -> dict[str, Any]:
+        """The actors' counters, continued across restarts (a restarted actor counts from 0)."""
+        metrics = self.io.actor_metrics(previous_stats)
+        for key, offset in self.actor_offsets.items():
+            if key in metrics:
+                metrics[key] += offset
+        return metrics
+
     def _checkpoint_due(self) -> bool:
         """By steps, by wall time (rank 0's clock, shared) or at the end."""
         learner = self.cfg.learner
@@ -242,7 +253,9 @@ class Learner:
             self.io.wait_ready(steps)
             samples, dropped = self.io.buffer.snapshot(steps)
             files[BUFFER_FILE] = codec.encode_batch(samples)
-            extra.update(dropped_slots={str(k): n for k, n in dropped.items()},
+            totals = self._actor_metrics({})
+            extra.update(actor_counters={k: totals[k] for k in _ACTOR_COUNTERS if k in totals},
+                         dropped_slots={str(k): n for k, n in dropped.items()},
                          buffer_counters=self.io.buffer.counters(),
                          samples_beyond_first_batch=self.io.buffer.num_held_from(first_batch))
         save_checkpoint(self.run_dir / "checkpoints" / f"step_{v}", self.model, self.optimizer, extra, files)
@@ -276,7 +289,7 @@ class Learner:
             return metrics
         metrics.update(_batch_metrics(batch))
         metrics.update(self.io.buffer.stats.as_metrics())
-        metrics.update(self.io.actor_metrics(previous_stats))
+        metrics.update(self._actor_metrics(previous_stats))
         metrics.update({"policy_version": self.policy_version, "samples_trained": self.samples_trained,
                         "timing/wait_s": wait_s, "timing/train_s": train_s, "timing/weight_sync_s": sync_s,
                         "timing/step_s": time.perf_counter() - start})
@@ -331,7 +344,7 @@ class Learner:
             "samples_dropped_surplus": stats.dropped_surplus,
             "wall_s": wall_s,
             "train_wall_s": train_wall_s,
-            **{k: v for k, v in self.io.actor_metrics({}).items() if k != "actor/tokens_per_s"},
+            **{k: v for k, v in self._actor_metrics({}).items() if k != "actor/tokens_per_s"},
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
