@@ -37,7 +37,8 @@ from asyncopd import trace
 from asyncopd.config import JobConfig, LossConfig
 from asyncopd.learner.batching import TrainSample, topk_overlap
 from asyncopd.learner.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from asyncopd.learner.resume import BUFFER_FILE, check_compatible, job_shape, resolve_checkpoint, set_aside_checkpoints
+from asyncopd.learner.resume import (BUFFER_FILE, RESUMES_FILE, check_compatible, job_shape, record_resume,
+                                     resolve_checkpoint, set_aside_checkpoints)
 from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.io import LearnerIO
 from asyncopd.learner.advantages import sequence_advantages
@@ -127,8 +128,8 @@ class Learner:
         self.start_version = self.policy_version
         self.run_start_version = int(resumed.get("run_start_version", self.policy_version))
         self.samples_trained = int(resumed.get("samples_trained", 0))
-        self.samples_regenerated = int(resumed.get("samples_regenerated", 0))
-        self.num_resumes = int(resumed.get("num_resumes", -1)) + 1 if resumed else 0
+        self.samples_regenerated = 0  # both from resumes.jsonl (every resume, whichever checkpoint it used)
+        self.num_resumes = 0
         self.last_checkpoint_time = time.monotonic()
         self.actor_offsets: dict[str, float] = dict(resumed.get("actor_counters", {}))
         self.io: LearnerIO | None = None
@@ -194,9 +195,15 @@ class Learner:
             if "eval/policy_version" in record:
                 self.evals[int(record["eval/policy_version"])] = {k: v for k, v in record.items()
                                                                   if k.startswith("eval/")}
-        if resumed:
-            retrained = sum(int(r.get("batch/samples", 0)) for r in superseded if "learner/loss" in r)
-            self.samples_regenerated += retrained + int(resumed.get("samples_beyond_first_batch", 0))
+        if not resumed:
+            (self.run_dir / RESUMES_FILE).unlink(missing_ok=True)  # a fresh start: no history of its own yet
+            return
+        retrained = sum(int(r.get("batch/samples", 0)) for r in superseded if "learner/loss" in r)
+        regenerated = retrained + int(resumed.get("samples_beyond_first_batch", 0))
+        self.num_resumes, self.samples_regenerated = record_resume(self.run_dir, {
+            "attempt": self.rendezvous.attempt, "checkpoint": str(self.resumed_from),
+            "policy_version": self.policy_version, "steps_superseded": sum(1 for r in superseded if "learner/loss" in r),
+            "samples_regenerated": regenerated})
 
     def _on_eval(self, metrics: dict[str, float]) -> None:
         version = int(metrics["eval/policy_version"])
@@ -245,8 +252,7 @@ class Learner:
         extra: dict[str, Any] = {
             "policy_version": v, "samples_trained": self.samples_trained,
             "torch_rng_state": torch.get_rng_state().tolist(), "run_start_version": self.run_start_version,
-            "first_batch": first_batch, "job_shape": job_shape(self.cfg), "num_resumes": self.num_resumes,
-            "samples_regenerated": self.samples_regenerated}
+            "first_batch": first_batch, "job_shape": job_shape(self.cfg)}
         files: dict[str, bytes] = {}
         if self.index == 0:
             steps = range(v, first_batch)

@@ -207,3 +207,13 @@ def test_the_verdict_names_the_failed_rank_or_the_one_killed_by_a_signal(tmp_pat
     assert lines[1].startswith("teacher 0 (rank 2, pid") and "killed by a signal" in lines[1]
     assert describe_failure(tmp_path / "none") == []
     RankStatus(None, role="learner", index=0, rank=0, attempt=0).running()  # no directory: a no-op
+
+
+def test_every_resume_is_counted_whichever_checkpoint_it_went_back_to(tmp_path) -> None:
+    from asyncopd.learner.resume import RESUMES_FILE, record_resume
+
+    assert record_resume(tmp_path, {"checkpoint": "step_30", "samples_regenerated": 16}) == (1, 16)
+    assert record_resume(tmp_path, {"checkpoint": "step_30", "samples_regenerated": 40}) == (2, 56)  # same again
+    with (tmp_path / RESUMES_FILE).open("a") as f:
+        f.write('{"torn')
+    assert record_resume(tmp_path, {"checkpoint": "step_50", "samples_regenerated": 8}) == (3, 64)
