@@ -195,10 +195,11 @@ class Learner:
             if "eval/policy_version" in record:
                 self.evals[int(record["eval/policy_version"])] = {k: v for k, v in record.items()
                                                                   if k.startswith("eval/")}
-        if not resumed:
-            (self.run_dir / RESUMES_FILE).unlink(missing_ok=True)  # a fresh start: no history of its own yet
-            return
         retrained = sum(int(r.get("batch/samples", 0)) for r in superseded if "learner/loss" in r)
+        if not resumed and (self.cfg.learner.resume != "auto" or not retrained):
+            (self.run_dir / RESUMES_FILE).unlink(missing_ok=True)  # a new run: no history of its own yet
+            return
+        # A resume, or (auto, no checkpoint yet) a restart of this run from scratch.
         regenerated = retrained + int(resumed.get("samples_beyond_first_batch", 0))
         self.num_resumes, self.samples_regenerated = record_resume(self.run_dir, {
             "attempt": self.rendezvous.attempt, "checkpoint": str(self.resumed_from),
