@@ -197,10 +197,11 @@ def main() -> int:
         result = analyse(run_dir, args.steps, batch)
         result.update(code=code, kills=records, wall_s=wall)
         results[name] = result
-        print(f"chaos: {name}: exit {code}, wall {wall:.0f}s (contended), step lines {args.steps - len(result['missing_steps'])}"
-              f"/{args.steps}, duplicates {result['duplicates']}, samples trained {result['samples_trained']}, "
-              f"regenerated {result['summary'].get('samples_regenerated')}, resumes {result['summary'].get('num_resumes')}",
-              flush=True)
+        summary = result["summary"]
+        print(f"chaos: {name}: exit {code}, wall {wall:.0f}s (contended), step lines "
+              f"{args.steps - len(result['missing_steps'])}/{args.steps}, duplicates {result['duplicates']}, "
+              f"samples trained {result['samples_trained']}, regenerated {summary.get('samples_regenerated')}, "
+              f"resumes {summary.get('num_resumes')}", flush=True)
     chaos = results["chaos"]
     weights = {name: final_weights(root / name) if (root / name / "hf").is_dir() else {} for name in names}
     delta = max_delta(weights["clean"], weights["chaos"])

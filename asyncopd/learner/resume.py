@@ -35,7 +35,8 @@ from typing import Any
 from asyncopd.config import ConfigError, JobConfig
 from asyncopd.learner.checkpoint import latest_checkpoint
 
-__all__ = ["BUFFER_FILE", "RESUMES_FILE", "record_resume", "resolve_checkpoint", "job_shape", "check_compatible", "set_aside_checkpoints"]
+__all__ = ["BUFFER_FILE", "RESUMES_FILE", "record_resume", "resolve_checkpoint", "job_shape", "check_compatible",
+           "set_aside_checkpoints"]
 
 logger = logging.getLogger(__name__)
 

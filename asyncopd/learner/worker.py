@@ -203,8 +203,8 @@ class Learner:
         regenerated = retrained + int(resumed.get("samples_beyond_first_batch", 0))
         self.num_resumes, self.samples_regenerated = record_resume(self.run_dir, {
             "attempt": self.rendezvous.attempt, "checkpoint": str(self.resumed_from),
-            "policy_version": self.policy_version, "steps_superseded": sum(1 for r in superseded if "learner/loss" in r),
-            "samples_regenerated": regenerated})
+            "policy_version": self.policy_version,
+            "steps_superseded": sum(1 for r in superseded if "learner/loss" in r), "samples_regenerated": regenerated})
 
     def _on_eval(self, metrics: dict[str, float]) -> None:
         version = int(metrics["eval/policy_version"])

@@ -43,7 +43,8 @@ def _holder(run_dir: Path, job: str) -> subprocess.Popen:
 def test_a_second_job_on_a_locked_run_dir_fails_naming_the_fix_and_the_lock_dies_with_its_holder(tmp_path) -> None:
     holder = _holder(tmp_path, "job-a")
     try:
-        with pytest.raises(RunDirBusy, match=r"in use by another job \(pid \d+ .*job job-a.*run\.name.*learner\.resume"):
+        busy = r"in use by another job \(pid \d+ .*job job-a.*run\.name.*learner\.resume"
+        with pytest.raises(RunDirBusy, match=busy):
             acquire_run_dir(tmp_path, job_id="job-b", attempt=0)
         with pytest.raises(RunDirBusy, match="in use by another job"):
             probe_run_dir(tmp_path)
