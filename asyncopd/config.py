@@ -576,9 +576,20 @@ class LearnerConfig:
     seed: int = 0
     """Seed of the learner (model init where it is random, data order)."""
     checkpoint_every: int | None = None
-    """Write a DCP checkpoint every N steps (and at the end); None: only at the end."""
-    resume: str | None = None
-    """Resume from this checkpoint directory ("latest" = the run's newest one)."""
+    """Write a DCP checkpoint every N steps (and at the end); None: by steps only at the end."""
+    checkpoint_every_s: float | None = 300.0
+    """Also write a checkpoint when this many seconds of wall time have passed since the
+    last one (or the start), so that a long job loses at most that much work to a
+    crash; None: by steps only."""
+    resume: str | None = "auto"
+    """Where training starts. "auto": from the run directory's newest complete
+    checkpoint if there is one, else from scratch (one command both starts and, under
+    ``torchrun --max-restarts``, resumes a job). "latest": that checkpoint, which must
+    exist. A path: that checkpoint directory. None: from scratch, replacing what the
+    run directory holds."""
+    batch_timeout_s: float = 900.0
+    """Seconds the learner waits for its next batch with no scored sample arriving
+    before it fails, naming what it waited for (a stalled actor or teacher)."""
     export_hf: bool = True
     """Save the final student in Hugging Face format (run_dir/hf) for `vllm serve`."""
     weight_sync_bucket_mb: float = 32.0
@@ -595,7 +606,7 @@ class LearnerConfig:
     def __post_init__(self) -> None:
         _check_positive("learner", self, "num_steps", "batch_size", "lr", "micro_batch_tokens")
         _check_positive("learner", self, "mini_batches", "ppo_epochs")
-        _check_positive("learner", self, "max_grad_norm", "checkpoint_every")
+        _check_positive("learner", self, "max_grad_norm", "checkpoint_every", "checkpoint_every_s", "batch_timeout_s")
         _check_positive("learner", self, "weight_sync_bucket_mb", "weight_sync_timeout_s")
         _check_positive("learner", self, "weight_decay", allow_zero=True)
 

@@ -20,19 +20,32 @@ Before a role opens a socket, its process installs the job's ZeroMQ security
 (``cluster.auth``; see :mod:`asyncopd.transport.security`). A single-node job
 started here gets a CURVE key made in memory and handed to its ranks in the
 environment; a multi-node job reads ``cluster.auth_key_file`` on every node.
+
+Faults. Before any rank starts, :mod:`asyncopd.preflight` checks data files,
+the run directory and model directories, and the run directory's lock is probed
+(:mod:`asyncopd.rundir`; learner rank 0 holds it for the job). Under ``torchrun
+--max-restarts`` each restart attempt scopes its store keys (TORCHELASTIC_RESTART_COUNT)
+and resumes from the last checkpoint (``learner.resume=auto``). A failing role's
+last line names role, index, rank and exception (also recorded for torchrun's
+error summary); a job started here ends with the launcher's verdict on which
+rank failed first (:mod:`asyncopd.failures`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from asyncopd import trace
 from asyncopd.config import ConfigError, JobConfig, from_dict
+from asyncopd.failures import STATUS_DIR_ENV, RankStatus, describe_failure
+from asyncopd.preflight import preflight
 from asyncopd.sweep import MULTIRUN_FLAGS, run_sweep
 
 if TYPE_CHECKING:
@@ -42,6 +55,8 @@ __all__ = ["main", "compose_config", "resolve_model_paths", "check_teacher_serve
            "install_security"]
 
 logger = logging.getLogger("asyncopd.launch")
+
+_RUN_DIR_LOCK = None
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "default"
@@ -167,13 +182,24 @@ def _setup_logging(level: str, tag: str) -> None:
 
 def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
+    from asyncopd.rundir import probe_run_dir
+
     env = world_environment(cfg)  # an unusable key file fails before the slow part
+    preflight(cfg)
+    probe_run_dir(cfg.run.run_dir)  # another job in this run directory: fail before starting anything
     resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
     # torchrun itself, with its stores listening on 127.0.0.1 only (see transport/loopback_store.py).
     command = [sys.executable, "-m", "asyncopd.transport.loopback_store", "--standalone", "--local-addr=127.0.0.1",
                f"--nproc-per-node={cfg.cluster.world_size}", "-m", "asyncopd.launch", *argv]
     logger.info("starting %s", " ".join(command))
-    return subprocess.call(command, env=env)
+    with tempfile.TemporaryDirectory(prefix="asyncopd-status-") as status_dir:
+        code = subprocess.call(command, env={**env, STATUS_DIR_ENV: status_dir})
+        if code != 0:
+            verdict = describe_failure(Path(status_dir)) or [
+                f"torchrun exited with {code} before any role reported (see torchrun's messages above)"]
+            for line in verdict:
+                logger.error("job failed: %s", line)
+    return code
 
 
 def world_environment(cfg: JobConfig) -> dict[str, str]:
@@ -207,11 +233,32 @@ def install_security(cfg: JobConfig) -> CurveSecurity | None:
     return security
 
 
-def _run_rank(cfg: JobConfig) -> None:
+def _rank_identity(cfg: JobConfig) -> tuple[str, int, int, int]:
+    """(role, index within the role, global rank, restart attempt) of this process."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg.cluster.check_world_size(world_size)
     role, index = cfg.cluster.role_of(rank)
+    return role, index, rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _on_sigterm(status: RankStatus):
+    def handler(signum, frame) -> None:  # torchrun ends the world because another rank failed
+        status.terminated()
+        os._exit(128 + signum)
+    return handler
+
+
+def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
+    role, index, rank, attempt = _rank_identity(cfg)
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
+    signal.signal(signal.SIGTERM, _on_sigterm(status))
+    preflight(cfg)
+    if role == "learner" and index == 0:
+        from asyncopd.rundir import acquire_run_dir
+
+        global _RUN_DIR_LOCK  # held for the process's life; the kernel drops it when the process ends
+        _RUN_DIR_LOCK = acquire_run_dir(cfg.run.run_dir, job_id=os.environ.get("TORCHELASTIC_RUN_ID", "none"),
+                                        attempt=attempt)
     trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
     security = install_security(cfg)
     threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
@@ -235,14 +282,15 @@ def _run_rank(cfg: JobConfig) -> None:
     from asyncopd.tasks import load_task
     from asyncopd.transport.discovery import Rendezvous
 
-    rendezvous = Rendezvous.from_env(cfg.cluster.startup_timeout_s,
+    # Keys of a restarted world (torchrun --max-restarts) must not meet the dead one's.
+    rendezvous = Rendezvous.from_env(cfg.cluster.startup_timeout_s, attempt=attempt,
                                      signing_key=None if security is None else security.key.secret)
     if role == "learner":
         from asyncopd.buffer import StalenessBuffer
         from asyncopd.learner.worker import run_learner
 
         buffer = StalenessBuffer(batch_size=cfg.learner.batch_size, max_staleness=cfg.async_.max_staleness,
-                                 capacity=cfg.buffer_capacity)
+                                 capacity=cfg.buffer_capacity, group_size=cfg.actor.samples_per_prompt)
         task = load_task(cfg.task)
         run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()),
                     teacher_path=teacher)
@@ -254,6 +302,19 @@ def _run_rank(cfg: JobConfig) -> None:
         from asyncopd.teacher.worker import run_teacher
 
         run_teacher(cfg, index, rendezvous, teacher, student_path=student)
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """Write the exception to torchrun's per-rank error file, so that its failure
+    summary shows it instead of "To enable traceback see ..."."""
+    if "TORCHELASTIC_ERROR_FILE" not in os.environ:
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(exc)
+    except Exception:  # reporting must not hide the original error
+        logger.debug("could not record the exception for torchrun", exc_info=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,12 +339,27 @@ def main(argv: list[str] | None = None) -> int:
                              compose=compose_config, spawn=_spawn_torchrun)
         if not under_torchrun:
             return _spawn_torchrun(cfg, argv)
-        _run_rank(cfg)
+        role, index, rank, attempt = _rank_identity(cfg)
+        status = RankStatus(os.environ.get(STATUS_DIR_ENV), role=role, index=index, rank=rank, attempt=attempt)
+        status.running()
+        try:
+            _run_rank(cfg, status)
+        except Exception as exc:
+            status.failed(exc)
+            _record_for_torchrun(exc)
+            if not isinstance(exc, ConfigError):
+                logger.exception("%s %d failed", role, index)
+            # asyncopd's own last line: which role, which rank, what.
+            logger.error("%s %d (rank %d, restart attempt %d) failed: %s: %s", role, index, rank, attempt,
+                         "configuration error" if isinstance(exc, ConfigError) else type(exc).__name__, exc)
+            sys.stderr.flush()
+            return 2 if isinstance(exc, ConfigError) else 1
+        status.finished()
     except ConfigError as exc:
         logger.error("configuration error: %s", exc)
         return 2
     except Exception:
-        logger.exception("role failed")
+        logger.exception("launch failed")
         sys.stderr.flush()
         return 1
     sys.stdout.flush()

@@ -9,6 +9,11 @@ Metric keys are namespaced (``learner/…``, ``actor/…``, ``teacher/…``,
 ``buffer/…``, ``timing/…``, ``eval/…``). One JSONL line per call of
 :meth:`MetricsWriter.log` (with its wall-clock ``time``), flushed at once, so a
 crashed run keeps its history.
+
+A restarted run continues the same file: :func:`supersede_metrics` first moves
+the records of steps after its checkpoint (trained again now) to
+``metrics.superseded.jsonl``, so that ``metrics.jsonl`` holds one line per step
+and one per evaluated version.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-__all__ = ["MetricsWriter"]
+__all__ = ["MetricsWriter", "supersede_metrics", "SUPERSEDED_FILE"]
 
 logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 _BAR_KEYS = {"learner/rkl": "rkl", "buffer/staleness_max": "stale", "timing/step_s": "step_s"}
 
@@ -39,7 +48,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, *, config: dict[str, Any], total_steps: int, initial_step: int,
                  wandb_mode: str, progress: bool, run_name: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self._file = (run_dir / METRICS_FILE).open("a", buffering=1)
         self._samples_path = run_dir / "samples.jsonl"
         self._wandb = None
         if wandb_mode != "disabled":
@@ -101,3 +110,36 @@ class MetricsWriter:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def supersede_metrics(run_dir: Path, keep_through_step: int | None,
+                      attempt: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Before a run (re)starts: keep the records of ``metrics.jsonl`` with ``step <=
+    keep_through_step`` (None: none, a fresh start) and move the others, tagged
+    ``superseded_by_attempt``, to ``metrics.superseded.jsonl``. Returns (kept,
+    superseded) records. The file is replaced atomically; a torn last line (a crash mid-write) is
+    dropped."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return [], []
+    kept: list[dict[str, Any]] = []
+    superseded: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("step")
+        keep = keep_through_step is not None and isinstance(step, int) and step <= keep_through_step
+        (kept if keep else superseded).append(record)
+    if superseded:
+        now = time.time()
+        with (run_dir / SUPERSEDED_FILE).open("a") as f:
+            for record in superseded:
+                f.write(json.dumps({**record, "superseded_by_attempt": attempt, "superseded_at": now}) + "\n")
+        logger.info("metrics.jsonl: %d records after step %s moved to %s (trained again now)", len(superseded),
+                    keep_through_step, SUPERSEDED_FILE)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept, superseded

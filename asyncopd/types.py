@@ -37,6 +37,7 @@ __all__ = [
     "TeacherReference",
     "TeacherReferences",
     "Message",
+    "ResumePoint",
 ]
 
 RolloutKind = Literal["train", "eval_greedy", "eval_sample", "eval_reference"]
@@ -186,6 +187,10 @@ class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     def slot(self) -> str:
         return self.rollout.slot
 
+    @property
+    def group_id(self) -> int:
+        return self.rollout.group_id
+
 
 class ScoreAck(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     """Teacher -> actor: the rollout was scored (and forwarded) or could not be."""
@@ -288,3 +293,18 @@ class Shutdown(msgspec.Struct, tag=True, kw_only=True, frozen=True):
 
 Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Heartbeat, Shutdown,
                 TeacherReferences]
+
+
+class ResumePoint(msgspec.Struct, kw_only=True, frozen=True):
+    """Learner rank 0 -> actors, through the rendezvous store (JSON) at start-up:
+    where this attempt of the job starts. Not a socket message."""
+
+    policy_version: int
+    """The learner's version (steps already trained): 0 on a fresh start."""
+    run_start_version: int
+    """The version the run first started at (its "before" evaluation)."""
+    first_batch: int
+    """The first learner step whose samples the actors generate; the samples of steps
+    [policy_version, first_batch) were restored from the checkpoint into the buffer."""
+    evaluated: list[int] = []
+    """Policy versions whose held-out evaluation is already complete (not redone)."""

@@ -94,7 +94,7 @@ class CpuSampler:
 def run(eta: int, run_dir: Path, steps: int, extra: list[str]) -> tuple[list[dict], CpuSampler]:
     command = [sys.executable, "-m", "asyncopd.launch", f"async.max_staleness={eta}", f"learner.num_steps={steps}",
                "eval.enabled=false", "run.wandb=disabled", "run.progress=false", f"run.dir={run_dir}",
-               "learner.export_hf=false", "run.trace=true", *extra]
+               "learner.export_hf=false", "run.trace=true", "learner.resume=null", *extra]
     print("running:", " ".join(command[1:]), flush=True)
     with CpuSampler() as cpu:
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

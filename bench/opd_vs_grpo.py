@@ -45,7 +45,7 @@ def run(method: str, run_dir: Path, args: argparse.Namespace, extra: list[str]) 
     command = [sys.executable, "-m", "asyncopd.launch", *METHODS[method], *group,
                f"learner.num_steps={args.steps}", f"eval.every_steps={args.eval_every}",
                "run.wandb=disabled", "run.progress=false", "learner.export_hf=false",
-               f"run.dir={run_dir}", f"run.name=opd_vs_grpo-{method}", *extra]
+               f"run.dir={run_dir}", f"run.name=opd_vs_grpo-{method}", "learner.resume=null", *extra]
     print("running:", " ".join(command[2:]), flush=True)
     log = run_dir.with_suffix(".log")
     with open(log, "w") as out:

@@ -30,6 +30,13 @@ samples for reverse KL, and the teacher's own samples of those prompts, scored
 teacher-forced for the NLL of teacher samples) are admitted whenever the engine
 reaches an eval version; weights are not swapped under them.
 
+Restarts. The learner says where this attempt starts (a
+:class:`~asyncopd.types.ResumePoint` in the store): the prompt cursor begins at
+its ``first_batch`` (earlier steps' samples survived in the checkpoint) and
+evaluations already done are not redone. Request ids and sampling seeds follow
+the slot (prompt group, sample, resample) rather than a per-process counter, so
+a restarted actor draws the same samples as an uninterrupted one.
+
 This module owns no model math and never imports another role.
 """
 
@@ -41,6 +48,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -52,7 +60,7 @@ from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch, read_teacher_references
 from asyncopd.transport.sockets import Channel, poll
 from asyncopd.transport.weights import WeightGroup, receive_weights
-from asyncopd.types import ActorStats, Rollout, Shutdown, TeacherReference, WeightUpdate
+from asyncopd.types import ActorStats, ResumePoint, Rollout, Shutdown, TeacherReference, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
 
@@ -78,6 +86,10 @@ class _Request:
     prompt_ids: list[int]
     group_id: int
     batch_index: int
+    sample: int = 0
+    """Which of the group's samples (train) or of the prompt's eval samples this is."""
+    resample: int = 0
+    """How often this slot was sampled again after its rollout went unscored."""
     reference: TeacherReference | None = None
     """eval_reference: the teacher sample to score."""
     slot_id: str | None = None
@@ -89,7 +101,7 @@ class ActorLoop:
 
     def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
                  inbox: Channel, dealer: Channel | Sequence[Channel], stats_out: Channel,
-                 references: list[TeacherReference] | None = None) -> None:
+                 references: list[TeacherReference] | None = None, resume: ResumePoint | None = None) -> None:
         """``dealer``: one DEALER per teacher, each connected to that teacher only (one
         Channel: a pool of one)."""
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
@@ -116,6 +128,8 @@ class ActorLoop:
         self.tokens_generated = 0
         self.engine_busy_s = 0.0
         self.weight_sync_s = 0.0
+        self.resume = resume
+        self.waiting_since = time.monotonic()
 
     @property
     def num_retries(self) -> int:
@@ -156,9 +170,8 @@ class ActorLoop:
             return
         with trace.span("admit", groups=len(admitted)):
             for (prompt, group, k), ids in zip(admitted, self._encode([p for p, _, _ in admitted])):
-                request = _Request("train", prompt, ids, self.index + self.cfg.cluster.actors * group, k)
-                for _ in range(self.group_size):
-                    self._submit(request)
+                for j in range(self.group_size):
+                    self._submit(_Request("train", prompt, ids, self.index + self.cfg.cluster.actors * group, k, j))
 
     def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
         if not prompts:  # e.g. more actors than held-out prompts
@@ -166,8 +179,7 @@ class ActorLoop:
         return [list(ids) for ids in self.tokenizer([p.text for p in prompts], add_special_tokens=False)["input_ids"]]
 
     def _submit(self, request: _Request) -> None:
-        request_id = f"{self.index}-{self.seq}"
-        sample_seed = (self.sampler_seed * 1_000_003 + self.index * 7_919 + self.seq) % (2**31)
+        request_id, sample_seed = self._slot_id_and_seed(request)
         self.seq += 1
         if request.kind == "eval_reference":
             assert request.reference is not None
@@ -180,12 +192,25 @@ class ActorLoop:
             self.engine.add(request_id, request.prompt_ids, seed=sample_seed)
         self.inflight[request_id] = request
 
+    def _slot_id_and_seed(self, request: _Request) -> tuple[str, int]:
+        """A job-unique request id and a sampling seed that depend on the slot only
+        (not on how many requests this process made), so a restart resamples alike."""
+        if request.kind == "train":
+            slot, where = f"t{request.group_id}", request.group_id
+        else:  # eval: the version under evaluation and the held-out prompt
+            kind = {"eval_greedy": "g", "eval_sample": "e", "eval_reference": "f"}[request.kind]
+            slot, where = f"{kind}{request.batch_index}.{request.prompt.index}", (
+                2**30 + request.batch_index * 1_000_003 + request.prompt.index)
+        request_id = f"{self.index}-{slot}.{request.sample}" + (f"r{request.resample}" if request.resample else "")
+        seed = self.sampler_seed * 1_000_003 + where * 7_919 + request.sample * 131 + request.resample * 17
+        return request_id, seed % (2**31)
+
     def _admit_eval(self, version: int) -> None:
         prompts = self.task.eval_prompts()[self.index::self.cfg.cluster.actors]
         for prompt, ids in zip(prompts, self._encode(prompts)):
             self._submit(_Request("eval_greedy", prompt, ids, prompt.index, version))
-            for _ in range(self.cfg.eval.rkl_samples):
-                self._submit(_Request("eval_sample", prompt, ids, prompt.index, version))
+            for j in range(self.cfg.eval.rkl_samples):
+                self._submit(_Request("eval_sample", prompt, ids, prompt.index, version, sample=j))
             reference = self.references.get(prompt.index)
             if reference is not None:
                 self._submit(_Request("eval_reference", prompt, reference.prompt_ids.tolist(), prompt.index,
@@ -217,9 +242,12 @@ class ActorLoop:
         first = self.policy_version is None
         self.policy_version = update.policy_version
         if first:
-            self.next_group = update.policy_version * self.groups_per_step
+            resume = self.resume or ResumePoint(policy_version=update.policy_version,
+                                                run_start_version=update.policy_version,
+                                                first_batch=update.policy_version)
+            self.next_group = resume.first_batch * self.groups_per_step
             self.prompts = self.task.train_prompts(self.index, self.cfg.cluster.actors, start=self.next_group)
-            self.eval_due = eval_versions(self.cfg, update.policy_version)
+            self.eval_due = eval_versions(self.cfg, resume.run_start_version) - set(resume.evaluated)
         if self.policy_version in self.eval_due and self.policy_version not in self.evaluated:
             self._admit_eval(self.policy_version)
         logger.debug("actor %d: now at policy version %d (%.3fs)", self.index, self.policy_version, self.weight_sync_s)
@@ -249,9 +277,18 @@ class ActorLoop:
         self.teachers.send(rollout, replace(request, slot_id=rollout.slot))
 
     def _resample(self, requests: list[_Request]) -> None:
-        """Sample again the slots of rollouts no teacher scored (teacher.on_failure=drop)."""
+        """Sample again the slots of rollouts no teacher scored (teacher.on_failure=drop):
+        a new request id and seed (``resample`` + 1), the same slot."""
         for request in requests:
-            self._submit(request)
+            self._submit(replace(request, resample=request.resample + 1))
+
+    def _check_first_weights(self) -> None:
+        timeout_s = self.cfg.cluster.startup_timeout_s
+        if time.monotonic() - self.waiting_since > timeout_s:
+            raise TimeoutError(
+                f"actor {self.index}: no weights from the learner within cluster.startup_timeout_s={timeout_s:g}s "
+                "after start-up. The learner is stuck or gone (see its log), or loading its checkpoint is slow: "
+                "raise cluster.startup_timeout_s.")
 
     def _send_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -288,6 +325,8 @@ class ActorLoop:
 
     def run_once(self, idle_wait_s: float = 0.05) -> bool:
         """One turn: messages, weights, admission, one engine step. False on shutdown."""
+        if self.policy_version is None and not self.pending_updates:
+            self._check_first_weights()
         idle = self.engine.num_unfinished == 0 and not self._may_admit() and not self.pending_updates
         if not self._handle_messages(idle_wait_s if idle else 0.0):
             return False
@@ -336,8 +375,9 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     references = None
     if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
         references = read_teacher_references(rendezvous, cfg.cluster.teachers).references
+    resume = msgspec.json.decode(rendezvous.lookup("resume"), type=ResumePoint)
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealers, stats_out=stats_out, references=references)
+                     inbox=inbox, dealer=dealers, stats_out=stats_out, references=references, resume=resume)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)

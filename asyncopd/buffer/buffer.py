@@ -22,16 +22,24 @@ Rules, each counted in :attr:`stats`:
 - a second sample for one slot (a dropped rollout that was scored late after all,
   next to the resample that replaced it: both carry the slot, see
   ``Rollout.slot_id``) is refused (``dropped_superseded``), and so is any sample
-  that would give a step more than ``batch_size`` samples: a step never trains
-  more than ``batch_size``;
+  that would give a step more than ``batch_size`` samples;
 - a sample arriving while ``capacity`` samples are held is refused
-  (``dropped_full``); with slots this only happens on a bug, never silently.
+  (``dropped_full``); with slots this only happens on a bug, never silently;
+- a sample for a batch whose ``batch_size`` slots are all accounted, or (with
+  ``group_size``) for a prompt group that already holds ``group_size`` samples, is
+  refused (``dropped_surplus``): a slot resampled after its scoring timed out
+  must not be trained next to the late original, so no step trains more than
+  ``batch_size`` samples.
+
+Restarts. :meth:`StalenessBuffer.snapshot` hands out the held samples of some
+batches (and their dropped-slot counts) without taking them, for a checkpoint;
+:meth:`StalenessBuffer.restore` puts them back in a fresh buffer, with the counters.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["Sample", "BufferStats", "StalenessBuffer"]
@@ -44,6 +52,8 @@ class Sample(Protocol):
     def batch_index(self) -> int: ...
     @property
     def policy_version(self) -> int: ...
+    @property
+    def group_id(self) -> int: ...
 
 
 S = TypeVar("S", bound=Sample)
@@ -57,6 +67,7 @@ class BufferStats:
     dropped_full: int = 0
     duplicates: int = 0
     dropped_superseded: int = 0
+    dropped_surplus: int = 0
     batches: int = 0
     staleness_max: int = 0
     """Largest staleness of any sample handed to the learner so far."""
@@ -71,6 +82,7 @@ class BufferStats:
             "buffer/dropped_full": self.dropped_full,
             "buffer/duplicates": self.duplicates,
             "buffer/dropped_superseded": self.dropped_superseded,
+            "buffer/dropped_surplus": self.dropped_surplus,
             "buffer/staleness_max": max(last) if last else 0,
             "buffer/staleness_mean": sum(last) / len(last) if last else 0.0,
             "buffer/staleness_max_overall": self.staleness_max,
@@ -80,10 +92,11 @@ class BufferStats:
 class StalenessBuffer(Generic[S]):
     """Holds scored samples by slot until the learner takes their batch."""
 
-    def __init__(self, *, batch_size: int, max_staleness: int, capacity: int) -> None:
+    def __init__(self, *, batch_size: int, max_staleness: int, capacity: int, group_size: int | None = None) -> None:
         if capacity < batch_size:
             raise ValueError(f"capacity={capacity} is smaller than batch_size={batch_size}")
         self.batch_size = batch_size
+        self.group_size = group_size
         self.max_staleness = max_staleness
         self.capacity = capacity
         self.stats = BufferStats()
@@ -109,13 +122,16 @@ class StalenessBuffer(Generic[S]):
             self.stats.dropped_late += 1
             return False
         slot = getattr(sample, "slot", None) or sample.rollout_id
-        if slot in self._slots or self.slots_accounted(sample.batch_index) >= self.batch_size:
+        if slot in self._slots:
             self.stats.dropped_superseded += 1
             return False
         self._slots.add(slot)
         if self.staleness(sample, learner_version) > self.max_staleness:
             self.stats.dropped_stale += 1
             self._dropped_slots[sample.batch_index] += 1
+            return False
+        if self._is_surplus(sample):
+            self.stats.dropped_surplus += 1
             return False
         if self._num_held >= self.capacity:
             self.stats.dropped_full += 1
@@ -125,6 +141,45 @@ class StalenessBuffer(Generic[S]):
         self._num_held += 1
         self.stats.accepted += 1
         return True
+
+    def _is_surplus(self, sample: S) -> bool:
+        held = self._held.get(sample.batch_index, ())
+        if len(held) + self._dropped_slots.get(sample.batch_index, 0) >= self.batch_size:
+            return True
+        if self.group_size is None:
+            return False
+        return sum(1 for s in held if s.group_id == sample.group_id) >= self.group_size
+
+    def num_held_from(self, batch_index: int) -> int:
+        """Samples held for steps ``batch_index`` and later."""
+        return sum(len(v) for k, v in self._held.items() if k >= batch_index)
+
+    def snapshot(self, batch_indices: range) -> tuple[list[S], dict[int, int]]:
+        """(held samples, dropped-slot counts) of ``batch_indices``, left in place."""
+        samples = [s for k in batch_indices for s in self._held.get(k, ())]
+        dropped = {k: self._dropped_slots[k] for k in batch_indices if self._dropped_slots.get(k)}
+        return samples, dropped
+
+    def restore(self, samples: list[S], dropped: dict[int, int], stats: dict[str, int] | None = None) -> None:
+        """Put a :meth:`snapshot` (and the counters of :meth:`BufferStats` as a dict)
+        into this fresh buffer; the samples count as seen (a copy is a duplicate)."""
+        if self._num_held or self._seen:
+            raise RuntimeError("restore() needs a fresh buffer")
+        if stats:
+            for name, value in stats.items():
+                if name != "last_batch_staleness":
+                    setattr(self.stats, name, value)
+        for sample in samples:
+            self._seen.add(sample.rollout_id)
+            self._slots.add(getattr(sample, "slot", None) or sample.rollout_id)
+            self._held[sample.batch_index].append(sample)
+        self._num_held = len(samples)
+        for k, count in dropped.items():
+            self._dropped_slots[int(k)] += count
+
+    def counters(self) -> dict[str, int]:
+        """The cumulative counters of :attr:`stats` (what :meth:`restore` takes back)."""
+        return {f.name: getattr(self.stats, f.name) for f in fields(self.stats) if f.name != "last_batch_staleness"}
 
     def mark_dropped(self, batch_index: int, count: int = 1) -> None:
         """Account for slots of ``batch_index`` that will never arrive."""

@@ -5,6 +5,7 @@ Layout of a run's checkpoints::
     run_dir/checkpoints/step_<N>/
         .metadata, __<rank>_<i>.distcp   model + optimiser, sharded (torch.distributed.checkpoint)
         extra.json                       the caller's JSON-able state (policy_version, cursors, RNG)
+        <name>                           the caller's other files (bytes), e.g. buffered samples
         COMPLETE                         written last; a directory without it is ignored
 
 A crash mid-save leaves ``step_<N>`` without ``COMPLETE``, which
@@ -66,10 +67,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -81,8 +82,9 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any]) -> Path:
-    """Save model + optimiser (sharded, DCP) and ``extra`` (JSON, from rank 0).
+                    extra: dict[str, Any], files: dict[str, bytes] | None = None) -> Path:
+    """Save model + optimiser (sharded, DCP), ``extra`` (JSON) and ``files`` (name ->
+    bytes), the last two from rank 0.
 
     An existing directory of the same name is replaced. Returns ``ckpt_dir``
     once it is complete on disk (all ranks return after the marker is written).
@@ -104,6 +106,8 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, optimizer: torch.opt
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
     _barrier()  # every rank's shard is on disk
     if _rank() == 0:
+        for name, data in (files or {}).items():
+            _write_atomic(ckpt_dir / name, data)
         _write_atomic(ckpt_dir / EXTRA_FILE, extra_text)
         _write_atomic(ckpt_dir / COMPLETE_MARKER, "")
     _barrier()

@@ -70,16 +70,20 @@ class LearnerIO:
         self.num_unexpected = 0
         self.last_eval: dict[str, float] = {}
 
-    def pump(self, timeout_s: float, learner_version: int) -> None:
-        """Route whatever arrives within ``timeout_s`` (then everything queued)."""
+    def pump(self, timeout_s: float, learner_version: int) -> int:
+        """Route whatever arrives within ``timeout_s`` (then everything queued);
+        returns the number of scored rollouts routed."""
+        num_from_actors = 0
         if self.rollouts is not None:
             poll([self.inbox, self.rollouts], timeout_s)
-            self._receive_rollouts(learner_version)
+            num_from_actors = self._receive_rollouts(learner_version)
             timeout_s = 0.0
         received = self.inbox.recv(timeout_s=timeout_s)
+        num_scored = 0
         while received is not None:
             message = received[1]
             if isinstance(message, ScoredRollout):
+                num_scored += 1
                 if message.rollout.kind == "train":
                     self.buffer.put(message, learner_version)
                 else:
@@ -93,12 +97,15 @@ class LearnerIO:
                 self.num_unexpected += 1
                 logger.warning("learner inbox: ignored a %s", type(message).__name__)
             received = self.inbox.recv(timeout_s=0.0)
+        return num_scored + num_from_actors
 
-    def _receive_rollouts(self, learner_version: int) -> None:
+    def _receive_rollouts(self, learner_version: int) -> int:
         """Colocated teacher: take the actors' rollouts, acknowledge training ones at once
-        (scored later, in the train step) and score evaluation ones now."""
+        (scored later, in the train step) and score evaluation ones now; returns how many
+        training rollouts arrived."""
         assert self.rollouts is not None and self.score is not None
         evals: list[tuple[bytes, Rollout]] = []
+        num_train = 0
         while (received := self.rollouts.recv(timeout_s=0.0)) is not None:
             identity, rollout = received
             if isinstance(rollout, Heartbeat) and identity is not None:
@@ -114,9 +121,10 @@ class LearnerIO:
             self.buffer.put(ScoredRollout(rollout=rollout, teacher_logprobs=placeholder_teacher_logprobs(rollout),
                                           teacher_index=-1, score_s=0.0, policy_version=rollout.policy_version),
                             learner_version)
+            num_train += 1
             self._ack(identity, rollout, None)
         if not evals:
-            return
+            return num_train
         try:
             with trace.span("score", rollouts=len(evals)):
                 scores = self.score([rollout for _, rollout in evals])
@@ -124,7 +132,7 @@ class LearnerIO:
             logger.exception("learner: scoring %d evaluation rollouts failed", len(evals))
             for identity, rollout in evals:
                 self._ack(identity, rollout, f"{type(exc).__name__}: {exc}"[:500])
-            return
+            return num_train
         for (identity, rollout), logprobs in zip(evals, scores):
             metrics = self.evaluation.add(ScoredRollout(rollout=rollout, teacher_logprobs=logprobs, teacher_index=-1,
                                                         score_s=0.0, policy_version=rollout.policy_version))
@@ -132,6 +140,7 @@ class LearnerIO:
             if metrics is not None:
                 self.last_eval = metrics
                 self.on_eval(metrics)
+        return num_train
 
     def _ack(self, identity: bytes, rollout: Rollout, error: str | None) -> None:
         assert self.rollouts is not None
@@ -139,13 +148,27 @@ class LearnerIO:
                                     policy_version=rollout.policy_version, error=error), identity=identity)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
+        stall = _StallTimer(self.cfg.learner.batch_timeout_s)
         started = last_log = time.monotonic()
         while (batch := self.buffer.next_batch(step)) is None:
-            self.pump(0.05, step)
+            stall.check(self.pump(0.05, step), lambda: f"the batch of step {step} ({self._fill(step)})")
             if time.monotonic() - last_log >= self.wait_log_every_s:
                 last_log = time.monotonic()
                 logger.warning("%s", self.waiting_for(step, last_log - started))
         return batch
+
+    def wait_ready(self, steps: range) -> None:
+        """Wait until the batches of ``steps`` are complete, leaving them in the buffer
+        (a checkpoint saves them)."""
+        stall = _StallTimer(self.cfg.learner.batch_timeout_s)
+        for step in steps:
+            while not self.buffer.ready(step):
+                stall.check(self.pump(0.05, steps.start),
+                            lambda: f"the batch of step {step}, to checkpoint it ({self._fill(step)})")
+
+    def _fill(self, step: int) -> str:
+        held, _ = self.buffer.snapshot(range(step, step + 1))
+        return f"{len(held)} of {self.buffer.batch_size} samples arrived"
 
     def waiting_for(self, step: int, waited_s: float) -> str:
         """What the batch of ``step`` still lacks, from the buffer and the actors' telemetry."""
@@ -213,3 +236,22 @@ class LearnerIO:
             self.rollouts.close()
         for channel in (*self.actor_controls, *self.teacher_controls):
             channel.close(linger_s=2.0)  # let a queued Shutdown leave
+
+
+class _StallTimer:
+    """Fails a wait once ``timeout_s`` pass without a scored rollout arriving."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.last_progress = time.monotonic()
+
+    def check(self, num_arrived: int, waiting_for: Callable[[], str]) -> None:
+        now = time.monotonic()
+        if num_arrived:
+            self.last_progress = now
+        elif now - self.last_progress > self.timeout_s:
+            raise TimeoutError(
+                f"learner: waited learner.batch_timeout_s={self.timeout_s:g}s for {waiting_for()} with no scored "
+                "rollout arriving. An actor or teacher is stalled or gone (see their logs). Fix: restart the job "
+                "(learner.resume=auto continues from the last checkpoint), or raise learner.batch_timeout_s "
+                "for very slow scoring.")

@@ -228,3 +228,25 @@ def test_an_evaluation_scores_the_teacher_samples_with_the_student() -> None:
     assert all(r.batch_index == 0 and (r.behaviour_logprobs == -2.0).all() for r in got)
     # Scored tokens are not generated ones.
     assert loop.tokens_generated == sum(r.response_ids.shape[0] for r in sent if r.kind != "eval_reference") > 0
+
+
+def test_a_resumed_actor_starts_at_the_first_batch_the_checkpoint_lacks_with_slot_seeds() -> None:
+    """fixed_lag, eta=1, resumed at version 3 with step 3's samples restored: the actor
+    generates step 4 (with version 3) first, and its ids and seeds depend on the slot only."""
+    from asyncopd.types import ResumePoint
+
+    loop, engine, control, teacher = make_loop(1, "fixed_lag")
+    loop.resume = ResumePoint(policy_version=3, run_start_version=0, first_batch=4, evaluated=[0])
+    push_weights(loop, control, 3)
+    for _ in range(5):
+        loop.run_once(0.01)
+    rollouts = drain_rollouts(teacher)
+    assert {r.batch_index for r in rollouts} == {4}
+    assert sorted(r.group_id for r in rollouts) == [8, 8, 9, 9]  # groups_per_step=2: groups 8, 9 are step 4's
+    assert sorted(r.rollout_id for r in rollouts) == ["0-t8.0", "0-t8.1", "0-t9.0", "0-t9.1"]
+    from asyncopd.actor.worker import _Request
+
+    fresh = make_loop(1, "fixed_lag")[0]  # has made no request yet; `loop` made four
+    probe = _Request("train", None, [1], 8, 4, 1)
+    assert loop._slot_id_and_seed(probe) == fresh._slot_id_and_seed(probe)
+    assert loop._slot_id_and_seed(probe)[1] != loop._slot_id_and_seed(_Request("train", None, [1], 8, 4, 0))[1]

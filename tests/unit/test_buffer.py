@@ -107,5 +107,5 @@ def test_a_step_never_holds_more_than_batch_size_samples() -> None:
     buffer = StalenessBuffer(batch_size=8, max_staleness=1, capacity=32)
     fill(buffer, 0, 14, version=0, learner_version=0)  # the 14-sample step of issue 10
     batch = buffer.next_batch(0)
-    assert len(batch) == 8 and buffer.stats.dropped_superseded == 6
+    assert len(batch) == 8 and buffer.stats.dropped_surplus == 6
     assert buffer.slots_accounted(1) == 0

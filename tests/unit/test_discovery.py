@@ -12,7 +12,7 @@ def test_a_shutdown_flag_without_the_job_key_signature_is_ignored(caplog) -> Non
     role = Rendezvous(store, rank=1, world_size=3, timeout_s=5.0, signing_key=b"job-secret")
     learner = Rendezvous(store, rank=0, world_size=3, timeout_s=5.0, signing_key=b"job-secret")
     assert not role.shutdown_requested()
-    store.set("asyncopd/shutdown", "training finished")  # a foreign local process, no key
+    store.set("asyncopd/attempt_0/shutdown", "training finished")  # a foreign local process, no key
     assert not role.shutdown_requested()
     stranger = Rendezvous(store, rank=0, world_size=3, timeout_s=5.0, signing_key=b"another key")
     stranger.announce_shutdown("training finished")

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from asyncopd.buffer import StalenessBuffer
+from asyncopd.config import from_dict
 from asyncopd.learner.io import LearnerIO
 from asyncopd.types import ActorStats
 
@@ -27,6 +28,7 @@ def io_with(buffer: StalenessBuffer) -> LearnerIO:
     """A LearnerIO without sockets: the pump only reads the buffer it already holds."""
     io = object.__new__(LearnerIO)
     io.buffer, io.actor_stats = buffer, {}
+    io.cfg = from_dict({})
     return io
 
 
@@ -51,10 +53,11 @@ def test_wait_batch_logs_while_it_waits(caplog, monkeypatch) -> None:
     io.wait_log_every_s = 0.0
     arrivals = iter([S("a", 0, 0), None, S("b", 0, 0)])
 
-    def pump(timeout_s: float, learner_version: int) -> None:
+    def pump(timeout_s: float, learner_version: int) -> int:
         sample = next(arrivals)
         if sample is not None:
             buffer.put(sample, learner_version)
+        return int(sample is not None)
 
     monkeypatch.setattr(io, "pump", pump)
     with caplog.at_level(logging.WARNING, logger="asyncopd.learner.io"):

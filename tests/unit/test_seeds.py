@@ -60,9 +60,10 @@ def sampling_seeds(run_seed: int, actor_index: int = 0) -> list[int | None]:
     engine = RecordingEngine()
     loop = ActorLoop(cfg, actor_index, engine=engine, task=None, tokenizer=None, weight_group=None, inbox=None,
                      dealer=[None], stats_out=None)  # a pool of one teacher that is never sent to
-    prompt = Prompt(text="1+2=", answer="3", index=0)
-    for kind in ("train", "train", "eval_sample", "eval_greedy"):
-        loop._submit(_Request(kind, prompt, [1, 2], 0, 0))
+    prompt = Prompt(text="1+2=", answer="3", index=actor_index)  # held-out prompts are split among actors
+    group = actor_index  # so are prompt groups (group ids are global)
+    for kind, sample in (("train", 0), ("train", 1), ("eval_sample", 0), ("eval_greedy", 0)):
+        loop._submit(_Request(kind, prompt, [1, 2], group, 0, sample))
     return engine.seeds
 
 
