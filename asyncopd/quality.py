@@ -143,8 +143,9 @@ def collapse_verdict(start: Mapping[str, float | None], end: Mapping[str, float 
         return Verdict("collapse", tuple(reasons))
     rkl_rose = None not in (rkl_end, rkl_start) and rkl_end > rkl_start + rule.nll_rise * abs(rkl_start)
     if nll_rose:
+        rkl = "unknown" if None in (rkl_start, rkl_end) else f"{rkl_start:.3f} -> {rkl_end:.3f}"
         return Verdict("worse", (f"NLL of teacher samples rose {nll_start:.3f} -> {nll_end:.3f} and eval/rkl did "
-                                 f"not fall ({rkl_start} -> {rkl_end})",))
+                                 f"not fall ({rkl})",))
     if nll_start is None and rkl_rose:
         return Verdict("worse", (f"eval/rkl rose {rkl_start:.3f} -> {rkl_end:.3f}",))
     return Verdict("ok")
