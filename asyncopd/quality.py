@@ -81,6 +81,9 @@ class CollapseRule:
        improved while the student moved away from the teacher's own text.
 
     Rules 1-2 compare one T=1 sample per prompt for student and teacher (equal sets).
+    Without a collapse, a run is **worse** when the NLL of teacher samples rose by more
+    than ``nll_rise`` while eval/rkl did not fall (or, without teacher samples, eval/rkl
+    rose by more than ``nll_rise``): a plain failure to learn, e.g. a too-high lr.
     """
 
     distinct_ratio: float = 0.5
@@ -93,14 +96,15 @@ class CollapseRule:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: Literal["ok", "collapse", "unknown"]
-    """"collapse": a condition of the rule held; "ok": none did; "unknown": no evaluation to judge."""
+    status: Literal["ok", "collapse", "worse", "unknown"]
+    """"collapse": a condition of the rule held; "worse": none did, but the student moved away
+    from the teacher by every measure available; "ok": neither; "unknown": no evaluation to judge."""
     reasons: tuple[str, ...] = ()
     """One plain sentence per condition that held."""
 
     def describe(self) -> str:
-        if self.status == "collapse":
-            return "COLLAPSE: " + "; ".join(self.reasons)
+        if self.status in ("collapse", "worse"):
+            return f"{self.status.upper()}: " + "; ".join(self.reasons)
         return "ok (no collapse by the rule in asyncopd/quality.py)" if self.status == "ok" else "unknown (no evaluation)"
 
 
@@ -131,8 +135,17 @@ def collapse_verdict(start: Mapping[str, float | None], end: Mapping[str, float 
                            f"than {rule.repetition_margin:g} (start {rep_start:.3f})")
     nll_end, nll_start = _finite(end, "eval/teacher_sample_nll"), _finite(start, "eval/teacher_sample_nll")
     rkl_end, rkl_start = _finite(end, "eval/rkl"), _finite(start, "eval/rkl")
-    if None not in (nll_end, nll_start, rkl_end, rkl_start):
-        if nll_end > nll_start + rule.nll_rise * abs(nll_start) and rkl_end < rkl_start:
-            reasons.append(f"NLL of teacher samples rose {nll_start:.3f} -> {nll_end:.3f} while eval/rkl fell "
-                           f"{rkl_start:.3f} -> {rkl_end:.3f}")
-    return Verdict("collapse" if reasons else "ok", tuple(reasons))
+    nll_rose = None not in (nll_end, nll_start) and nll_end > nll_start + rule.nll_rise * abs(nll_start)
+    if nll_rose and None not in (rkl_end, rkl_start) and rkl_end < rkl_start:
+        reasons.append(f"NLL of teacher samples rose {nll_start:.3f} -> {nll_end:.3f} while eval/rkl fell "
+                       f"{rkl_start:.3f} -> {rkl_end:.3f}")
+    if reasons:
+        return Verdict("collapse", tuple(reasons))
+    rkl_rose = None not in (rkl_end, rkl_start) and rkl_end > rkl_start + rule.nll_rise * abs(rkl_start)
+    if nll_rose:
+        rkl = "unknown" if None in (rkl_start, rkl_end) else f"{rkl_start:.3f} -> {rkl_end:.3f}"
+        return Verdict("worse", (f"NLL of teacher samples rose {nll_start:.3f} -> {nll_end:.3f} and eval/rkl did "
+                                 f"not fall ({rkl})",))
+    if nll_start is None and rkl_rose:
+        return Verdict("worse", (f"eval/rkl rose {rkl_start:.3f} -> {rkl_end:.3f}",))
+    return Verdict("ok")

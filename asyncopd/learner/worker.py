@@ -255,7 +255,7 @@ class Learner:
         self.metrics.log(metrics, step=version)
         self.metrics.log_samples(self._decoded(self.io.evaluation.examples.pop(version, [])), step=version)
         self.metrics.write_line(f"eval @ policy version {version}: {_eval_line(metrics)}")
-        if verdict.status == "collapse":
+        if verdict.status in ("collapse", "worse"):
             self.metrics.write_line(f"WARNING: eval @ policy version {version}: {verdict.describe()}")
 
     def _decoded(self, examples: list[EvalExample]) -> list[dict[str, Any]]:
@@ -471,6 +471,9 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     verdict = Verdict(summary["eval/verdict"], tuple(summary["eval/verdict_reasons"]))
     if verdict.status == "collapse":
         logger.warning("   verdict: %s. Lower eval/rkl does not mean a better student here; see samples.jsonl.",
+                       verdict.describe())
+    elif verdict.status == "worse":
+        logger.warning("   verdict: %s. The student moved away from the teacher; see samples.jsonl.",
                        verdict.describe())
     else:
         logger.info("   verdict: %s", verdict.describe())

@@ -84,8 +84,9 @@ def test_each_condition_alone_names_a_collapse() -> None:
     assert collapse_verdict(start, _eval(0.40, 0.03, 4.0, 1.0)).reasons[0].startswith("student distinct-2")
     assert collapse_verdict(start, _eval(0.80, 0.40, 4.0, 1.0)).reasons[0].startswith("student repetition")
     assert collapse_verdict(start, _eval(0.80, 0.03, 4.3, 1.0)).reasons[0].startswith("NLL of teacher samples")
-    # The NLL rising while eval/rkl rises too is a bad run, not the collapse this rule names.
-    assert collapse_verdict(start, _eval(0.80, 0.03, 4.3, 2.5)).status == "ok"
+    # The NLL rising while eval/rkl rises too is a failed run, not a collapse: named "worse".
+    worse = collapse_verdict(start, _eval(0.80, 0.03, 4.3, 2.5))
+    assert worse.status == "worse" and worse.describe().startswith("WORSE: NLL of teacher samples rose 4.000")
     # Within the rule's tolerance.
     assert collapse_verdict(start, _eval(0.80, 0.03, 4.1, 1.0)).status == "ok"
     strict = CollapseRule(nll_rise=0.01)
@@ -98,4 +99,6 @@ def test_without_teacher_samples_the_student_is_compared_with_its_start() -> Non
     assert collapsed.status == "collapse" and "its start 0.800" in collapsed.reasons[0]
     fine = collapse_verdict(start, _eval(0.70, 0.05, None, 1.0, teacher_d2=None, teacher_rep=None))
     assert fine.status == "ok"
+    diverged = collapse_verdict(start, _eval(0.70, 0.05, None, 12.0, teacher_d2=None, teacher_rep=None))
+    assert diverged.status == "worse" and "eval/rkl rose 2.000 -> 12.000" in diverged.reasons[0]
     assert collapse_verdict(start, {}).status == "unknown"
