@@ -14,7 +14,7 @@ import pytest
 
 from asyncopd.tasks.chat_prompts import generate
 
-from .test_job import run_job
+from test_job import run_job  # tests/integration is on sys.path (pytest prepend import mode)
 
 pytestmark = pytest.mark.integration
 
