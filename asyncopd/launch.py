@@ -111,7 +111,10 @@ def resolve_model_paths(cfg: JobConfig) -> tuple[str, str | None]:
                           "tokenizers against a local copy set teacher.tokenizer=<its directory>.")
     student, teacher = cfg.model.student.path, cfg.model.teacher.path
     if student is None or (teacher is None and not remote):
-        from asyncopd.tasks.demo import ensure_demo_models
+        if cfg.task.name == "chat":
+            from asyncopd.tasks.smollm2 import ensure_smollm2_models as ensure_demo_models
+        else:
+            from asyncopd.tasks.demo import ensure_demo_models
 
         demo_teacher, demo_student = ensure_demo_models(cfg.task)
         student = student or str(demo_student)
@@ -291,7 +294,10 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
 
         buffer = StalenessBuffer(batch_size=cfg.learner.batch_size, max_staleness=cfg.async_.max_staleness,
                                  capacity=cfg.buffer_capacity, group_size=cfg.actor.samples_per_prompt)
-        task = load_task(cfg.task)
+        from transformers import AutoTokenizer
+
+        # The tokenizer renders messages-format prompts (only their number is used here).
+        task = load_task(cfg.task, tokenizer=AutoTokenizer.from_pretrained(student))
         run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()),
                     teacher_path=teacher)
     elif role == "actor":

@@ -19,6 +19,10 @@ reload that fails half-way leaves layers on the meta device and kills the engine
 After every load the KV cache is dropped, and requests in flight are re-prefilled
 with the new weights, so every token is sampled from exactly one policy version.
 
+On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
+vLLM would rewind a split request's seeded generator, which CPU generators cannot
+do. Seeded sampling therefore works at any ``actor.max_num_seqs`` and prompt length.
+
 This module does not tokenize, talk to other roles, compute rewards or decide
 admission (staleness); that is the actor loop's job. It does not touch
 ``os.environ`` either: :func:`engine_environment` says what the launcher must set
@@ -43,7 +47,7 @@ from asyncopd.config import ActorConfig
 if TYPE_CHECKING:  # vLLM takes seconds to import; only the engine itself needs it.
     from vllm.v1.engine.llm_engine import LLMEngine
 
-__all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment"]
+__all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment", "max_batched_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,19 @@ class _RotaryReloadFilter(logging.Filter):
 
 
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
+
+
+class _ChunkedPrefillOffFilter(logging.Filter):
+    """vLLM warns that "This model does not officially support disabling chunked prefill"
+    for every generating model when chunked prefill is turned off, whatever the model.
+    The engine turns it off on CPU (see _build_engine); tests/integration check the
+    result token by token against an HF forward and for seeded reproducibility."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "does not officially support disabling chunked prefill" not in record.getMessage()
+
+
+logging.getLogger("vllm.engine.arg_utils").addFilter(_ChunkedPrefillOffFilter())
 
 _WARMUP_REQUEST_ID = "__asyncopd_warmup__"
 _MAX_LISTED_PROBLEMS = 8
@@ -450,6 +467,7 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    on_cuda = torch.cuda.is_available()
     args = EngineArgs(
         model=model_path,
         dtype=dtype,
@@ -461,10 +479,25 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
         # memory and refuses to start on machines that under-report it.
         kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",  # the distribution actually sampled
+        # On CPU, never split a prompt's prefill across steps. For a partially prefilled
+        # request that carries a seed, vLLM rewinds the request's generator (set_offset),
+        # which CPU generators cannot do ("CPU Generator does not use offset" killed the
+        # actor, issue 8). Without chunking, a prompt that does not fit the step's
+        # remaining token budget waits for the next step whole; the budget holds at least
+        # one full sequence (vLLM requires it), so every prompt the engine accepts is
+        # scheduled. CUDA generators can rewind: chunked prefill stays on there.
+        enable_chunked_prefill=on_cuda,
+        max_num_batched_tokens=None if on_cuda else max_batched_tokens(cfg),
         max_logprobs=max_logprobs,  # vLLM refuses logprobs=k above it (its default is 20)
         disable_log_stats=True,
     )
     return LLMEngine.from_engine_args(args)
+
+
+def max_batched_tokens(cfg: ActorConfig) -> int:
+    """Tokens one engine step may process: vLLM's default (2,048), raised to hold a
+    whole max_model_len sequence (a prefill is never split) and max_num_seqs decodes."""
+    return max(2048, cfg.max_model_len, cfg.max_num_seqs)
 
 
 def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:

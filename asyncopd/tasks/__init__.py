@@ -95,8 +95,13 @@ def load_task(
     """
     from asyncopd.tasks.addition import AdditionTask
 
+    if cfg.name == "chat":
+        from asyncopd.tasks.jsonl import JsonlTask, chat_task_paths
+
+        return JsonlTask.from_config(chat_task_paths(cfg), tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens,
+                                     replicate=replicate)
     if cfg.name != "addition":
-        raise ValueError(f"task.name={cfg.name!r}: unknown task. Fix: use task.name=addition.")
+        raise ValueError(f"task.name={cfg.name!r}: unknown task. Fix: use task.name=addition or chat.")
     synthetic = AdditionTask(cfg, replicate=replicate)
     if cfg.train_path is None and cfg.eval_path is None:
         return synthetic

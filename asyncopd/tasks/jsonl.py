@@ -1,5 +1,10 @@
-"""Prompts from JSONL files: one ``{"prompt": str, "answer": str}`` object per line.
+"""Prompts from JSONL files: one ``{"prompt": str, "answer": str}`` object per line,
+or one chat ``{"messages": [{"role": str, "content": str}, ...]}`` per line (the
+format TRL and verl users have).
 
+A ``messages`` line is rendered into the prompt text with the student tokenizer's
+chat template and ``add_generation_prompt=True`` (so generation starts in the
+assistant's turn); a tokenizer without a chat template is an error naming the file.
 :func:`load_jsonl` reads and validates a file. Every defect is a
 :class:`JsonlError` that names ``file:line``, the problem and the fix; nothing is
 dropped silently (only blank lines are skipped). Extra keys on a line are
@@ -34,11 +39,26 @@ if TYPE_CHECKING:
 
     from asyncopd.config import TaskConfig
 
-__all__ = ["JsonlError", "JsonlTask", "load_jsonl"]
+__all__ = ["CHAT_EVAL_PATH", "CHAT_TRAIN_PATH", "JsonlError", "JsonlTask", "chat_task_paths", "load_jsonl"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 'each line must be a JSON object {"prompt": "<text>", "answer": "<text>"}'
+_FORMAT = ('each line must be a JSON object {"prompt": "<text>", "answer": "<text>"} or '
+           '{"messages": [{"role": "user", "content": "<text>"}], "answer": "<text>"}')
+
+
+CHAT_TRAIN_PATH = Path(__file__).parent / "data" / "chat_train.jsonl"
+"""The chat task's packaged training prompts (messages format, asyncopd/tasks/chat_prompts.py)."""
+CHAT_EVAL_PATH = Path(__file__).parent / "data" / "chat_eval.jsonl"
+"""Its held-out prompts (subjects never seen in training)."""
+
+
+def chat_task_paths(cfg: TaskConfig) -> TaskConfig:
+    """``cfg`` with the packaged chat prompts wherever train_path / eval_path are unset."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, train_path=cfg.train_path or str(CHAT_TRAIN_PATH),
+                               eval_path=cfg.eval_path or str(CHAT_EVAL_PATH))
 
 
 class JsonlError(ValueError):
@@ -92,6 +112,8 @@ def load_jsonl(
             raise JsonlError(f"{where}: expected a JSON object, got {type(record).__name__}. Fix: {_FORMAT}.")
         if not require_answer:
             record.setdefault("answer", "")
+        if "messages" in record:
+            record["prompt"] = _render_messages(record, where, tokenizer)
         for key in ("prompt", "answer"):
             if key not in record:
                 raise JsonlError(f'{where}: missing field "{key}". Fix: {_FORMAT} '
@@ -122,6 +144,39 @@ def load_jsonl(
     if not prompts:
         raise JsonlError(f"{path}: the file holds no prompts. Fix: {_FORMAT}, one per line.")
     return prompts
+
+
+def _render_messages(record: dict, where: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The prompt text of a ``messages`` line: its chat rendered for generation."""
+    messages = record["messages"]
+    if "prompt" in record:
+        raise JsonlError(f'{where}: both "prompt" and "messages"; which one is the prompt is ambiguous. '
+                         'Fix: keep one of them.')
+    if not isinstance(messages, list) or not messages:
+        raise JsonlError(f'{where}: "messages" must be a non-empty list of {{"role": ..., "content": ...}} '
+                         f"objects, got {messages!r:.80}. Fix: {_FORMAT}.")
+    for position, message in enumerate(messages):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise JsonlError(f'{where}: messages[{position}] = {message!r:.80} is not {{"role": str, '
+                             f'"content": str}}. Fix: {_FORMAT}.')
+    if messages[-1]["role"] == "assistant":
+        raise JsonlError(f'{where}: the last message is the assistant\'s; the student would be asked to '
+                         "continue after its own finished turn. Fix: end each conversation with the user's "
+                         "(or system's) message that the response should answer.")
+    if tokenizer is None:
+        raise ValueError(f'{where}: "messages" lines are rendered with the student tokenizer\'s chat template, '
+                         "and none was given. Fix: pass tokenizer= (the student's) to load_jsonl / load_task.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise JsonlError(f'{where}: a "messages" line, but the student tokenizer '
+                         f"({getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}) has no chat template. "
+                         'Fix: use a chat (instruct) model, or write plain {"prompt": "<text>"} lines.')
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja errors: the template rejected this conversation
+        raise JsonlError(f"{where}: the student's chat template rejected these messages ({exc}). "
+                         "Fix: check the roles and their order against the model's chat format.") from exc
+    return str(text)
 
 
 class JsonlTask:
