@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="prompt+response tokens per rollout")
     parser.add_argument("--teacher", default=None, help="a teacher model directory (default: a tiny random one)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # as the child (HFScorerFactory threads=1, cluster.teacher_threads' default)
     with tempfile.TemporaryDirectory() as scratch:
         path = args.teacher
         if path is None:
