@@ -58,9 +58,10 @@ def _sequence(s: ScoredRollout) -> list[int]:
     return ids[:-1] if s.rollout.finish_reason == "stop" and ids else ids
 
 
-def _seq_number(s: ScoredRollout) -> int:
-    """Order of submission within an actor ("<actor>-<seq>")."""
-    return int(s.rollout.rollout_id.rsplit("-", 1)[-1])
+def _order(s: ScoredRollout) -> tuple[int, str]:
+    """A deterministic order of eval samples (by actor, then request id: the ids name
+    version, prompt and sample, see the actor's ``_slot_id_and_seed``)."""
+    return s.rollout.actor_index, s.rollout.rollout_id
 
 
 def _mean(values: list[float]) -> float:
@@ -123,7 +124,7 @@ class EvalAccumulator:
     def _metrics(self, version: int, results: list[ScoredRollout]) -> dict[str, float]:
         greedy = [s.rollout.reward for s in results if s.rollout.kind == "eval_greedy"]
         sampled = sorted((s for s in results if s.rollout.kind == "eval_sample"),
-                         key=lambda s: (s.rollout.actor_index, _seq_number(s)))
+                         key=_order)
         references = [s for s in results if s.rollout.kind == "eval_reference"]
         rkl_tokens = np.concatenate(
             [s.rollout.behaviour_logprobs - s.teacher_logprobs for s in sampled]
@@ -155,7 +156,7 @@ class EvalAccumulator:
 
     def _examples(self, results: list[ScoredRollout]) -> list[EvalExample]:
         first: dict[tuple[str, int], ScoredRollout] = {}
-        for s in sorted(results, key=_seq_number):
+        for s in sorted(results, key=_order):
             first.setdefault((s.rollout.kind, s.rollout.group_id), s)
         indices = sorted({group for _, group in first})[: self.num_examples]
         examples = []
