@@ -13,7 +13,9 @@ Every rank composes the same config (hydra Compose API: ``configs/<name>.yaml``
 plus overrides), converts it to the typed :class:`~asyncopd.config.JobConfig`
 once, and runs one role. A role that raises exits non-zero with its traceback,
 and torchrun then ends the other ranks. This is the only module that touches
-``os.environ`` (thread budgets, vLLM settings, the generated job key).
+``os.environ`` (thread budgets, vLLM settings, the generated job key, and each
+rank's ``CUDA_VISIBLE_DEVICES`` from :mod:`asyncopd.placement`, set before torch is
+imported).
 
 Before a role opens a socket, its process installs the job's ZeroMQ security
 (``cluster.auth``; see :mod:`asyncopd.transport.security`). A single-node job
@@ -36,6 +38,7 @@ from asyncopd.config import ConfigError, JobConfig, from_dict
 from asyncopd.sweep import MULTIRUN_FLAGS, run_sweep
 
 if TYPE_CHECKING:
+    from asyncopd.placement import Placement
     from asyncopd.transport.security import CurveSecurity
 
 __all__ = ["main", "compose_config", "resolve_model_paths", "check_teacher_server", "world_environment",
@@ -165,10 +168,28 @@ def _setup_logging(level: str, tag: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def plan_devices(cfg: JobConfig, *, procs_per_node: int, num_nodes: int,
+                 model_paths: tuple[str, str | None] | None = None) -> Placement:
+    """Every rank's device (asyncopd.placement) from this node's visible GPUs; with
+    ``model_paths`` (student, teacher) also checks that each role's memory share fits."""
+    from asyncopd.placement import ModelSizes, estimate_num_params, parse_visible_gpus, plan_placement, query_nvidia_smi
+
+    smi = None if cfg.cluster.device == "cpu" else query_nvidia_smi()
+    gpus = parse_visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), smi)
+    sizes = None
+    if model_paths is not None:
+        student = estimate_num_params(model_paths[0])
+        teacher = None if model_paths[1] is None else estimate_num_params(model_paths[1])
+        sizes = None if student is None else ModelSizes(student, teacher)
+    return plan_placement(cfg, procs_per_node=procs_per_node, num_nodes=num_nodes, gpus=gpus, sizes=sizes)
+
+
 def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
     env = world_environment(cfg)  # an unusable key file fails before the slow part
-    resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
+    paths = resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
+    logger.info("%s", plan_devices(cfg, procs_per_node=cfg.cluster.world_size, num_nodes=1,
+                                   model_paths=paths).describe())  # an impossible layout fails here
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     command = [torchrun or "torchrun", "--standalone", f"--nproc-per-node={cfg.cluster.world_size}",
                "-m", "asyncopd.launch", *argv]
@@ -209,6 +230,10 @@ def _run_rank(cfg: JobConfig) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg.cluster.check_world_size(world_size)
     role, index = cfg.cluster.role_of(rank)
+    # Before torch is imported: this process sees only its own GPUs.
+    placement = plan_devices(cfg, procs_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                             num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")))
+    os.environ.update(placement.for_rank(rank).environment())
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
     trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
     install_security(cfg)
@@ -219,7 +244,7 @@ def _run_rank(cfg: JobConfig) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if role == "actor":
+    if role == "actor" or (role == "teacher" and cfg.teacher.backend == "vllm"):
         from asyncopd.actor.engine import engine_environment
 
         os.environ.update(engine_environment(threads))
@@ -241,15 +266,16 @@ def _run_rank(cfg: JobConfig) -> None:
         buffer = StalenessBuffer(batch_size=cfg.learner.batch_size, max_staleness=cfg.async_.max_staleness,
                                  capacity=cfg.buffer_capacity)
         task = load_task(cfg.task)
-        run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()))
+        run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()),
+                    placement=placement)
     elif role == "actor":
         from asyncopd.actor.worker import run_actor
 
-        run_actor(cfg, index, rendezvous, student)
+        run_actor(cfg, index, rendezvous, student, placement=placement)
     else:
         from asyncopd.teacher.worker import run_teacher
 
-        run_teacher(cfg, index, rendezvous, teacher)
+        run_teacher(cfg, index, rendezvous, teacher, placement=placement)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Loop, one engine step at a time::
 
-    control inbox ─WeightUpdate─> (join weight broadcast) ─> engine.load_weights
+    control inbox ─WeightUpdate─> engine.receive_weights (inside the vLLM worker: weight_receiver)
     prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (DEALER)
                                                    teacher ─ScoreAck─> retry / degrade
 
@@ -43,10 +43,11 @@ import zmq
 
 from asyncopd import trace
 from asyncopd.config import JobConfig
+from asyncopd.placement import Placement
 from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.transport.weights import WeightGroup, receive_weights
+from asyncopd.transport.weights import store_address
 from asyncopd.types import ActorStats, Rollout, ScoreAck, Shutdown, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
@@ -86,8 +87,10 @@ class _Unacked:
 class ActorLoop:
     """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
-    def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
-                 inbox: Channel, dealer: Channel, stats_out: Channel) -> None:
+    def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, inbox: Channel,
+                 dealer: Channel, stats_out: Channel, weight_group: object = None) -> None:
+        """``weight_group`` is unused (the engine's worker receives weights itself); kept
+        so that older callers still work."""
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
         self.weight_group, self.inbox, self.dealer, self.stats_out = weight_group, inbox, dealer, stats_out
         actor = cfg.actor
@@ -186,7 +189,8 @@ class ActorLoop:
     def _apply_update(self, update: WeightUpdate) -> None:
         start = time.perf_counter()
         with trace.span("load_weights", version=update.policy_version):
-            self.engine.load_weights(list(receive_weights(self.weight_group, update)))
+            # Streamed bucket by bucket into the engine's worker: no copy of the model here.
+            self.engine.receive_weights(update)
         self.weight_sync_s = time.perf_counter() - start
         first = self.policy_version is None
         self.policy_version = update.policy_version
@@ -307,8 +311,10 @@ class ActorLoop:
         return True
 
 
-def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str) -> None:
-    """The actor role's main: engine, sockets, weight group, then the loop."""
+def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
+              placement: Placement | None = None) -> None:
+    """The actor role's main: engine, sockets, weight group, then the loop.
+    ``placement``: the job's device plan (None: CPU, weights over gloo)."""
     from transformers import AutoTokenizer
 
     from asyncopd.actor.engine import VllmEngine
@@ -317,17 +323,22 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     task = load_task(cfg.task, tokenizer=tokenizer,
                      max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens)
+    me = None if placement is None else placement.for_rank(cfg.cluster.learners + index)
     engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=cfg.actor.seed + index,
-                        top_k=cfg.teacher.top_k)
+                        top_k=cfg.teacher.top_k, placement=me)
     inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
     rendezvous.publish(f"actor/{index}/inbox", inbox.address)
     teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]
     dealer = Channel(zmq.DEALER, connect=teachers, identity=f"actor-{index}".encode())
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
-    weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
+    tp = cfg.cluster.gpus_per_actor if me is not None and me.device_type == "cuda" else 1
+    host, port = store_address(rendezvous.store)
+    engine.join_weight_group(host, port, rendezvous.lookup("weights/group_prefix"), 1 + index * tp,
+                             1 + cfg.cluster.actors * tp, cfg.learner.weight_sync_timeout_s,
+                             "gloo" if placement is None else placement.weight_carrier)
     rendezvous.barrier("connected")
-    loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealer, stats_out=stats_out)
+    loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, inbox=inbox, dealer=dealer,
+                     stats_out=stats_out)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)
