@@ -16,6 +16,9 @@ the whole payload has been checked against the model's parameter names and shape
 reload that fails half-way leaves layers on the meta device and kills the engine.
 After every load the KV cache is dropped, and requests in flight are re-prefilled
 with the new weights, so every token is sampled from exactly one policy version.
+In a job, weights arrive by :meth:`VllmEngine.receive_weights`: the engine's worker
+receives them from the learner itself (:mod:`asyncopd.actor.weight_receiver`, a vLLM
+worker extension), so no copy of the model passes through this process's frontend.
 
 This module does not tokenize, talk to other roles, compute rewards or decide
 admission (staleness); that is the actor loop's job. It does not touch

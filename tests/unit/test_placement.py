@@ -179,3 +179,26 @@ def test_placement_does_not_import_torch() -> None:
     code = "import sys, asyncopd.placement; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_gpu_settings_compose_with_a_task_config() -> None:
+    from asyncopd.launch import compose_config
+
+    cfg = compose_config(["--config-name", "tiny", "+device=gpu"])
+    assert (cfg.cluster.device, cfg.model.student.dtype, cfg.actor.enforce_eager) == ("cuda", "bfloat16", False)
+    assert cfg.teacher.backend == "vllm" and cfg.learner.num_steps == 4  # the task config's own values stay
+    plan = plan_placement(cfg, procs_per_node=3, num_nodes=1, gpus=_gpus(1))
+    assert plan.weight_carrier == "cuda_ipc" and [p.memory_fraction for p in plan.ranks] == [0.3] * 3
+
+
+def test_launcher_plans_from_the_environment(monkeypatch) -> None:
+    import asyncopd.launch as launch
+    import asyncopd.placement as placement
+
+    monkeypatch.setattr(placement, "query_nvidia_smi", lambda: SMI)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,1,0")
+    plan = launch.plan_devices(_cfg(), procs_per_node=3, num_nodes=1)
+    assert [p.environment()["CUDA_VISIBLE_DEVICES"] for p in plan.ranks] == ["2", "1", "0"]
+    monkeypatch.setattr(placement, "query_nvidia_smi", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert launch.plan_devices(_cfg(), procs_per_node=3, num_nodes=1).layout == "cpu"
