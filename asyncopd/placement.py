@@ -208,6 +208,8 @@ def estimate_num_params(model_dir: str | Path) -> int | None:
 
 
 def _gpus_of(cfg: JobConfig, role: Role) -> int:
+    if role == "teacher" and cfg.teacher.backend == "vllm_http":
+        return 0  # a client of a server elsewhere: the CPU is enough
     return {"learner": 1, "actor": cfg.cluster.gpus_per_actor, "teacher": cfg.cluster.gpus_per_teacher}[role]
 
 
@@ -262,6 +264,9 @@ def _exclusive(cfg: JobConfig, roles: list[tuple[Role, int]], node: list[int], g
     for rank in node:
         role, index = roles[rank]
         count = _gpus_of(cfg, role)
+        if count == 0:
+            out.append(RankPlacement(rank, role, index, rank // len(node), "cpu"))
+            continue
         owned = tuple(g.id for g in gpus[cursor:cursor + count])
         cursor += count
         fraction = _explicit_fraction(cfg, role)
@@ -281,8 +286,9 @@ def _shared(cfg: JobConfig, roles: list[tuple[Role, int]], node: list[int], gpus
                 f"{field}={count}: this node's ranks need {needed} GPUs of their own but only {len(gpus)} are "
                 f"visible, and tensor-parallel {role}s cannot share GPUs with other roles. Fix: make {needed} GPUs "
                 f"visible per node, lower {field}, or use fewer ranks per node (cluster.actors/teachers/learners).")
+    on_gpu = [rank for rank in node if _gpus_of(cfg, roles[rank][0]) > 0]
     assigned: dict[str, list[int]] = {g.id: [] for g in gpus}
-    for position, rank in enumerate(node):
+    for position, rank in enumerate(on_gpu):
         assigned[gpus[position % len(gpus)].id].append(rank)
     fractions: dict[int, float] = {}
     for gpu, ranks in assigned.items():
@@ -307,7 +313,10 @@ def _shared(cfg: JobConfig, roles: list[tuple[Role, int]], node: list[int], gpus
     out = []
     for rank in node:
         role, index = roles[rank]
-        gpu = gpus[node.index(rank) % len(gpus)].id
+        if rank not in on_gpu:
+            out.append(RankPlacement(rank, role, index, rank // len(node), "cpu"))
+            continue
+        gpu = gpus[on_gpu.index(rank) % len(gpus)].id
         out.append(RankPlacement(rank, role, index, rank // len(node), "cuda", (gpu,), round(fractions[rank], 4),
                                  shared=len(assigned[gpu]) > 1))
     return out

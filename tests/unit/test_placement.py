@@ -202,3 +202,10 @@ def test_launcher_plans_from_the_environment(monkeypatch) -> None:
     monkeypatch.setattr(placement, "query_nvidia_smi", lambda: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert launch.plan_devices(_cfg(), procs_per_node=3, num_nodes=1).layout == "cpu"
+
+
+def test_http_teacher_needs_no_gpu() -> None:
+    cfg = _cfg(teacher={"backend": "vllm_http", "url": "http://127.0.0.1:8000/v1"})
+    plan = plan_placement(cfg, procs_per_node=3, num_nodes=1, gpus=_gpus(2))
+    assert [p.device for p in plan.ranks] == ["cuda:0", "cuda:0", "cpu"]
+    assert [p.gpus for p in plan.ranks] == [("0",), ("1",), ()] and plan.layout == "exclusive"
