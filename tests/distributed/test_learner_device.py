@@ -6,6 +6,7 @@ up to ~0.1 of drift over 8 steps)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.distributed
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("test_fsdp", Path(__file__).with_name("test_fsdp.py"))
+    spec = importlib.util.spec_from_file_location("_asyncopd_fsdp_harness", Path(__file__).with_name("test_fsdp.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

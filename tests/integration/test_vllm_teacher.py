@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,10 @@ MAX_MODEL_LEN = 64
 
 
 def _rollouts():
-    spec = importlib.util.spec_from_file_location("_http", Path(__file__).with_name("test_http_teacher.py"))
+    spec = importlib.util.spec_from_file_location("_asyncopd_http_teacher_helpers",
+                                                  Path(__file__).with_name("test_http_teacher.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module.rollouts
 

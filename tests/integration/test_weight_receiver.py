@@ -11,6 +11,7 @@ is received, and the engine keeps serving.
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,8 +34,10 @@ pytestmark = pytest.mark.integration
 
 
 def _helpers():
-    spec = importlib.util.spec_from_file_location("_engine", Path(__file__).with_name("test_actor_engine.py"))
+    spec = importlib.util.spec_from_file_location("_asyncopd_actor_engine_helpers",
+                                                  Path(__file__).with_name("test_actor_engine.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
