@@ -63,6 +63,12 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(f"{field_name}={value!r}: {problem}. Fix: {fix}.")
 
 
+def _check_fraction(field_name: str, value: float | None) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        _fail(field_name, value, "is a fraction of a GPU's memory and must be in (0, 1]",
+              f"set {field_name} to e.g. 0.3, or null for the automatic share")
+
+
 def _check_positive(prefix: str, obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -109,10 +115,20 @@ class ClusterConfig:
     ``python -m asyncopd.launch`` makes a key in memory for its single-node job, and the
     ranks of a single-node ``torchrun`` started directly share
     ``<run dir>/.asyncopd_job.key_secret`` (mode 600, made by the first of them)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the roles run. "auto": on the node's GPUs when any is visible
+    (CUDA_VISIBLE_DEVICES, else nvidia-smi), else on the CPU. "cuda" fails at start-up
+    when no GPU is visible; "cpu" ignores GPUs. See asyncopd/placement.py."""
+    gpus_per_actor: int = 1
+    """GPUs of each actor's vLLM engine (its tensor-parallel size) on a GPU node."""
+    gpus_per_teacher: int = 1
+    """GPUs of each teacher rank (the tensor-parallel size of a teacher.backend=vllm
+    engine; the hf backend uses one)."""
 
     def __post_init__(self) -> None:
         _check_positive("cluster", self, "learners", "actors")
         _check_positive("cluster", self, "teachers", allow_zero=True)
+        _check_positive("cluster", self, "gpus_per_actor", "gpus_per_teacher")
         _check_positive("cluster", self, "learner_threads", "actor_threads", "teacher_threads")
         _check_positive("cluster", self, "startup_timeout_s")
 
@@ -252,9 +268,15 @@ class ActorConfig:
     """Skip torch.compile / CUDA graphs (fast start-up; right for tiny models)."""
     seed: int = 0
     """Base seed of the sampler; each actor offsets it by its index."""
+    gpu_memory_utilization: float | None = None
+    """On GPU: the fraction (0, 1] of each of its GPUs' memory the engine may take
+    (weights, activations, KV cache; vLLM's ``gpu_memory_utilization``); the KV cache
+    is then sized by vLLM and actor.kv_cache_gib is unused. None: 0.9 on a GPU of its
+    own, an equal share of 0.9 when roles share a GPU (asyncopd/placement.py)."""
 
     def __post_init__(self) -> None:
         _check_positive("actor", self, "samples_per_prompt", "max_new_tokens", "max_num_seqs")
+        _check_fraction("actor.gpu_memory_utilization", self.gpu_memory_utilization)
         _check_positive("actor", self, "max_model_len", "kv_cache_gib", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             _fail("actor.top_p", self.top_p, "must be in (0, 1]", "use 1.0 to disable nucleus sampling")
@@ -270,7 +292,7 @@ class ActorConfig:
 class TeacherConfig:
     """The teacher pool: how rollouts are scored."""
 
-    backend: Literal["hf", "vllm_http", "colocated"] = "hf"
+    backend: Literal["hf", "vllm", "vllm_http", "colocated"] = "hf"
     """Scoring backend. "hf": each teacher rank loads model.teacher.path and runs a
     transformers forward over prompt+response. "vllm_http": each teacher rank is a
     client of an OpenAI-compatible vLLM server (``vllm serve <teacher>``, anywhere
@@ -281,7 +303,9 @@ class TeacherConfig:
     teacher's whole next-token distribution (what loss.kl_loss=full needs); actors
     send rollouts to learner rank 0, which also scores the held-out evaluation
     rollouts (see asyncopd/learner/teacher.py). The teacher must fit on every learner
-    device beside the student."""
+    device beside the student. "vllm": each teacher rank runs an in-process
+    vLLM engine on model.teacher.path and scores by ``prompt_logprobs``
+    (asyncopd/teacher/vllm_scorer.py; also on vLLM's CPU build)."""
     max_batch_tokens: int = 8192
     """Token budget of one scoring forward (prompt+response tokens, padded)."""
     batch_wait_s: float = 0.0
@@ -349,10 +373,18 @@ class TeacherConfig:
     nodes) holding the server's API key (``vllm serve --api-key``), sent as
     ``Authorization: Bearer <key>``. The key itself never enters the config, so it is not
     written to the run directory. None: no credentials are sent."""
+    gpu_memory_utilization: float | None = None
+    """On GPU: the fraction (0, 1] of its GPU's memory a teacher rank may take (vLLM's
+    ``gpu_memory_utilization`` with backend=vllm; a caching-allocator cap with hf).
+    None: 0.9 on a GPU of its own, an equal share of 0.9 on a shared GPU."""
+    kv_cache_gib: float = 0.25
+    """backend=vllm on the CPU: KV-cache memory of the teacher's engine in GiB (on GPU
+    it is sized from teacher.gpu_memory_utilization)."""
 
     def __post_init__(self) -> None:
         _check_positive("teacher", self, "max_batch_tokens", "request_timeout_s", "heartbeat_interval_s",
-                        "silence_timeout_s")
+                        "silence_timeout_s", "kv_cache_gib")
+        _check_fraction("teacher.gpu_memory_utilization", self.gpu_memory_utilization)
         _check_positive("teacher", self, "batch_wait_s", allow_zero=True)
         _check_positive("teacher", self, "max_retries", "top_k", allow_zero=True)
         _check_positive("teacher", self, "http_timeout_s", "http_concurrency")
@@ -382,7 +414,7 @@ class TeacherConfig:
 
     def _check_backend(self) -> None:
         http_fields = ("url", "served_model", "tokenizer", "api_key_env")
-        if self.backend in ("hf", "colocated"):
+        if self.backend in ("hf", "vllm", "colocated"):
             for name in http_fields:
                 if getattr(self, name) is not None:
                     _fail(f"teacher.{name}", getattr(self, name), "is used only by teacher.backend=vllm_http",
@@ -580,8 +612,16 @@ class LearnerConfig:
     """Clip the global gradient norm to this; None disables clipping."""
     micro_batch_tokens: int = 8192
     """Token budget of one forward/backward micro-batch (padded prompt+response)."""
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    """FSDP2 mixed-precision compute dtype; gradients are reduced in float32."""
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """FSDP2 mixed-precision compute dtype; gradients are reduced and master weights
+    kept in float32. "auto": bfloat16 on GPU, float32 on the CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping
+    them (less memory for long sequences, ~30% more compute)."""
+    gpu_memory_utilization: float | None = None
+    """On GPU: cap this learner rank's CUDA caching allocator at this fraction of its
+    GPU (needed when it shares the GPU with engines). None: no cap on a GPU of its own,
+    an equal share of 0.9 on a shared GPU."""
     seed: int = 0
     """Seed of the learner (model init where it is random, data order)."""
     checkpoint_every: int | None = None
@@ -618,6 +658,7 @@ class LearnerConfig:
         _check_positive("learner", self, "max_grad_norm", "checkpoint_every", "checkpoint_every_s", "batch_timeout_s")
         _check_positive("learner", self, "weight_sync_bucket_mb", "weight_sync_timeout_s")
         _check_positive("learner", self, "weight_decay", allow_zero=True)
+        _check_fraction("learner.gpu_memory_utilization", self.gpu_memory_utilization)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -14,7 +14,9 @@ Every rank composes the same config (hydra Compose API: ``configs/<name>.yaml``
 plus overrides), converts it to the typed :class:`~asyncopd.config.JobConfig`
 once, and runs one role. A role that raises exits non-zero with its traceback,
 and torchrun then ends the other ranks. This is the only module that touches
-``os.environ`` (thread budgets, vLLM settings, the generated job key).
+``os.environ`` (thread budgets, vLLM settings, the generated job key, and each
+rank's ``CUDA_VISIBLE_DEVICES`` from :mod:`asyncopd.placement`, set before torch is
+imported).
 
 Before a role opens a socket, its process installs the job's ZeroMQ security
 (``cluster.auth``; see :mod:`asyncopd.transport.security`). A single-node job
@@ -49,6 +51,7 @@ from asyncopd.preflight import preflight
 from asyncopd.sweep import MULTIRUN_FLAGS, run_sweep
 
 if TYPE_CHECKING:
+    from asyncopd.placement import Placement
     from asyncopd.transport.security import CurveSecurity
 
 __all__ = ["main", "compose_config", "resolve_model_paths", "check_teacher_server", "world_environment",
@@ -183,6 +186,22 @@ def _setup_logging(level: str, tag: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def plan_devices(cfg: JobConfig, *, procs_per_node: int, num_nodes: int,
+                 model_paths: tuple[str, str | None] | None = None) -> Placement:
+    """Every rank's device (asyncopd.placement) from this node's visible GPUs; with
+    ``model_paths`` (student, teacher) also checks that each role's memory share fits."""
+    from asyncopd.placement import ModelSizes, estimate_num_params, parse_visible_gpus, plan_placement, query_nvidia_smi
+
+    smi = None if cfg.cluster.device == "cpu" else query_nvidia_smi()
+    gpus = parse_visible_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), smi)
+    sizes = None
+    if model_paths is not None:
+        student = estimate_num_params(model_paths[0])
+        teacher = None if model_paths[1] is None else estimate_num_params(model_paths[1])
+        sizes = None if student is None else ModelSizes(student, teacher)
+    return plan_placement(cfg, procs_per_node=procs_per_node, num_nodes=num_nodes, gpus=gpus, sizes=sizes)
+
+
 def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     """Not under torchrun: prepare once (demo models), then start the world."""
     from asyncopd.rundir import probe_run_dir
@@ -190,7 +209,9 @@ def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     env = world_environment(cfg)  # an unusable key file fails before the slow part
     preflight(cfg)
     probe_run_dir(cfg.run.run_dir)  # another job in this run directory: fail before starting anything
-    resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
+    paths = resolve_model_paths(cfg)  # build caches before ranks race for them; fail early on bad paths
+    logger.info("%s", plan_devices(cfg, procs_per_node=cfg.cluster.world_size, num_nodes=1,
+                                   model_paths=paths).describe())  # an impossible layout fails here
     # torchrun itself, with its stores listening on 127.0.0.1 only (see transport/loopback_store.py).
     command = [sys.executable, "-m", "asyncopd.transport.loopback_store", "--standalone", "--local-addr=127.0.0.1",
                f"--nproc-per-node={cfg.cluster.world_size}", "-m", "asyncopd.launch", *argv]
@@ -253,6 +274,11 @@ def _on_sigterm(status: RankStatus):
 
 def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
     role, index, rank, attempt = _rank_identity(cfg)
+    # Before torch is imported: this process sees only its own GPUs.
+    world_size = int(os.environ["WORLD_SIZE"])
+    placement = plan_devices(cfg, procs_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                             num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")))
+    os.environ.update(placement.for_rank(rank).environment())
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
     signal.signal(signal.SIGTERM, _on_sigterm(status))
     preflight(cfg)
@@ -271,7 +297,7 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if role == "actor":
+    if role == "actor" or (role == "teacher" and cfg.teacher.backend == "vllm"):
         from asyncopd.actor.engine import engine_environment
 
         os.environ.update(engine_environment(threads))
@@ -299,15 +325,15 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
         # The tokenizer renders messages-format prompts (only their number is used here).
         task = load_task(cfg.task, tokenizer=AutoTokenizer.from_pretrained(student))
         run_learner(cfg, index, rendezvous, student, buffer=buffer, num_eval_prompts=len(task.eval_prompts()),
-                    teacher_path=teacher)
+                    teacher_path=teacher, placement=placement)
     elif role == "actor":
         from asyncopd.actor.worker import run_actor
 
-        run_actor(cfg, index, rendezvous, student)
+        run_actor(cfg, index, rendezvous, student, placement=placement)
     else:
         from asyncopd.teacher.worker import run_teacher
 
-        run_teacher(cfg, index, rendezvous, teacher, student_path=student)
+        run_teacher(cfg, index, rendezvous, teacher, student_path=student, placement=placement)
 
 
 def _record_for_torchrun(exc: BaseException) -> None:

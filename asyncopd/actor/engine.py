@@ -18,6 +18,9 @@ the whole payload has been checked against the model's parameter names and shape
 reload that fails half-way leaves layers on the meta device and kills the engine.
 After every load the KV cache is dropped, and requests in flight are re-prefilled
 with the new weights, so every token is sampled from exactly one policy version.
+In a job, weights arrive by :meth:`VllmEngine.receive_weights`: the engine's worker
+receives them from the learner itself (:mod:`asyncopd.actor.weight_receiver`, a vLLM
+worker extension), so no copy of the model passes through this process's frontend.
 
 On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
 vLLM would rewind a split request's seeded generator, which CPU generators cannot
@@ -42,7 +45,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from asyncopd.actor.weight_receiver import EXTENSION_QUALNAME
 from asyncopd.config import ActorConfig
+from asyncopd.placement import EXCLUSIVE_ENGINE_FRACTION, RankPlacement
+from asyncopd.transport import codec
+from asyncopd.types import WeightUpdate
 
 if TYPE_CHECKING:  # vLLM takes seconds to import; only the engine itself needs it.
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -193,9 +200,10 @@ class VllmEngine:
     """One in-process vLLM engine sampling from the student; see the module docstring."""
 
     def __init__(self, model_path: str, cfg: ActorConfig, *, dtype: str = "float32", seed: int = 0,
-                 top_k: int = 0) -> None:
+                 top_k: int = 0, placement: RankPlacement | None = None) -> None:
         """``top_k`` (teacher.top_k): ids of the sampling distribution returned per sampled
-        token, most likely first (0 = none)."""
+        token, most likely first (0 = none). ``placement``: this actor's GPUs and memory
+        share (asyncopd.placement); None or a CPU placement: today's CPU engine."""
         start = time.perf_counter()
         self._cfg = cfg
         self._pending: dict[str, _Pending] = {}
@@ -210,7 +218,8 @@ class VllmEngine:
         # vLLM's CPU worker replaces torch.set_num_threads process-wide with a no-op;
         # shutdown() puts the original back for whoever shares this process afterwards.
         self._torch_set_num_threads = torch.set_num_threads
-        self._llm: LLMEngine | None = _build_engine(model_path, cfg, dtype=dtype, seed=seed, max_logprobs=top_k)
+        self._llm: LLMEngine | None = _build_engine(model_path, cfg, dtype=dtype, seed=seed, max_logprobs=top_k,
+                                                    placement=placement)
         self._sampling_params = _sampling_params_factory(cfg, top_k)
         self.eos_token_id: int | None = self._engine.get_tokenizer().eos_token_id
         """Sampling this token ends a request with finish_reason "stop" (it is returned)."""
@@ -351,6 +360,38 @@ class VllmEngine:
         logger.debug("loaded %d tensors in %.3f s", len(items), elapsed)
         return elapsed
 
+    def join_weight_group(self, store_host: str, store_port: int, prefix: str, first_group_rank: int,
+                          group_size: int, timeout_s: float, carrier: str) -> None:
+        """Make every worker of this engine a member of the weight group (blocks until
+        all members joined); see :mod:`asyncopd.actor.weight_receiver`."""
+        self._engine.collective_rpc("asyncopd_join_weight_group", args=(
+            store_host, store_port, prefix, first_group_rank, group_size, timeout_s, carrier))
+
+    def receive_weights(self, update: WeightUpdate) -> float:
+        """Receive ``update`` from the weight group straight into the model, inside the
+        vLLM worker(s); returns seconds. The plan is checked first (a bad one raises
+        :class:`WeightPayloadError` with nothing received or loaded). Afterwards the KV
+        cache is dropped and requests in flight are re-prefilled, as with :meth:`load_weights`."""
+        start = time.perf_counter()
+        payload = codec.encode(update)
+        problems = [p for worker in self._engine.collective_rpc("asyncopd_check_update", args=(payload,))
+                    for p in worker]
+        if problems:
+            listed = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
+            raise WeightPayloadError(f"weight update {update.policy_version} refused, nothing loaded: {listed}. "
+                                     "Fix: learner and actors must run the same student architecture.")
+        try:
+            self._engine.collective_rpc("asyncopd_receive_weights", args=(payload,))
+        except Exception as exc:
+            self._llm = None
+            self._dead_reason = f"a weight update failed half-way ({type(exc).__name__}: {exc})"
+            raise RuntimeError(f"{self._dead_reason}; the engine is unusable. Fix: restart the actor; see "
+                               "the learner's log for its side of the transfer.") from exc
+        if not self._engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update; "
+                               "new tokens would attend to KV from the old weights.")
+        return time.perf_counter() - start
+
     def shutdown(self) -> None:
         """Release the engine (its KV cache and vLLM's own process group). Idempotent."""
         if getattr(self, "_llm", None) is None:
@@ -463,7 +504,8 @@ def _describe_model(model_path: str) -> tuple[dict[str, tuple[int, ...]], bool, 
     return shapes, tied, int(text_config.vocab_size), int(head_dim)
 
 
-def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, max_logprobs: int) -> LLMEngine:
+def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, max_logprobs: int,
+                  placement: RankPlacement | None = None) -> LLMEngine:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -477,7 +519,8 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
         enforce_eager=cfg.enforce_eager,
         # An explicit KV size: vLLM's CPU worker otherwise sizes it from the NUMA node's
         # memory and refuses to start on machines that under-report it.
-        kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30),
+        # On GPU, vLLM sizes it from gpu_memory_utilization (gpu_engine_args).
+        kv_cache_memory_bytes=None if gpu_engine_args(placement) else int(cfg.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",  # the distribution actually sampled
         # On CPU, never split a prompt's prefill across steps. For a partially prefilled
         # request that carries a seed, vLLM rewinds the request's generator (set_offset),
@@ -490,6 +533,8 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
         max_num_batched_tokens=None if on_cuda else max_batched_tokens(cfg),
         max_logprobs=max_logprobs,  # vLLM refuses logprobs=k above it (its default is 20)
         disable_log_stats=True,
+        worker_extension_cls=EXTENSION_QUALNAME,  # the weight receiver, inside the worker
+        **gpu_engine_args(placement),
     )
     return LLMEngine.from_engine_args(args)
 
@@ -498,6 +543,15 @@ def max_batched_tokens(cfg: ActorConfig) -> int:
     """Tokens one engine step may process: vLLM's default (2,048), raised to hold a
     whole max_model_len sequence (a prefill is never split) and max_num_seqs decodes."""
     return max(2048, cfg.max_model_len, cfg.max_num_seqs)
+
+
+def gpu_engine_args(placement: RankPlacement | None) -> dict[str, Any]:
+    """EngineArgs overrides on GPU: tensor parallelism over the placement's GPUs and
+    the KV cache sized by its memory share (instead of actor.kv_cache_gib)."""
+    if placement is None or placement.device_type != "cuda":
+        return {}
+    return {"tensor_parallel_size": placement.tensor_parallel_size,
+            "gpu_memory_utilization": placement.memory_fraction or EXCLUSIVE_ENGINE_FRACTION}
 
 
 def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:

@@ -2,7 +2,7 @@
 
 Loop, one engine step at a time::
 
-    control inbox ─WeightUpdate─> (join weight broadcast) ─> engine.load_weights
+    control inbox ─WeightUpdate─> engine.receive_weights (inside the vLLM worker: weight_receiver)
     prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (a DEALER each; learner
                                                    rank 0 with teacher.backend=colocated)
                                                    teacher ─ScoreAck─> retry elsewhere / degrade
@@ -55,11 +55,12 @@ import zmq
 from asyncopd import trace
 from asyncopd.actor.teachers import TeacherPoolClient
 from asyncopd.config import JobConfig
+from asyncopd.placement import Placement
 from asyncopd.seeds import job_seeds
 from asyncopd.tasks import Prompt, Task
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch, read_teacher_references
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.transport.weights import WeightGroup, receive_weights
+from asyncopd.transport.weights import store_address
 from asyncopd.types import ActorStats, ResumePoint, Rollout, Shutdown, TeacherReference, WeightUpdate
 
 __all__ = ["ActorLoop", "eval_versions"]
@@ -99,11 +100,13 @@ class _Request:
 class ActorLoop:
     """State and steps of one actor; :func:`run_actor` calls :meth:`run_once` until shutdown."""
 
-    def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, weight_group: WeightGroup,
-                 inbox: Channel, dealer: Channel | Sequence[Channel], stats_out: Channel,
-                 references: list[TeacherReference] | None = None, resume: ResumePoint | None = None) -> None:
+    def __init__(self, cfg: JobConfig, index: int, *, engine, task: Task, tokenizer, inbox: Channel,
+                 dealer: Channel | Sequence[Channel], stats_out: Channel,
+                 references: list[TeacherReference] | None = None, resume: ResumePoint | None = None,
+                 weight_group: object = None) -> None:
         """``dealer``: one DEALER per teacher, each connected to that teacher only (one
-        Channel: a pool of one)."""
+        Channel: a pool of one). ``weight_group`` is unused (the engine's worker receives
+        weights itself); kept so that older callers still work."""
         self.cfg, self.index, self.engine, self.task, self.tokenizer = cfg, index, engine, task, tokenizer
         self.weight_group, self.inbox, self.stats_out = weight_group, inbox, stats_out
         self.dealers = [dealer] if isinstance(dealer, Channel) else list(dealer)
@@ -237,7 +240,8 @@ class ActorLoop:
     def _apply_update(self, update: WeightUpdate) -> None:
         start = time.perf_counter()
         with trace.span("load_weights", version=update.policy_version):
-            self.engine.load_weights(list(receive_weights(self.weight_group, update)))
+            # Streamed bucket by bucket into the engine's worker: no copy of the model here.
+            self.engine.receive_weights(update)
         self.weight_sync_s = time.perf_counter() - start
         first = self.policy_version is None
         self.policy_version = update.policy_version
@@ -348,8 +352,10 @@ class ActorLoop:
         return True
 
 
-def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str) -> None:
-    """The actor role's main: engine, sockets, weight group, then the loop."""
+def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
+              placement: Placement | None = None) -> None:
+    """The actor role's main: engine, sockets, weight group, then the loop.
+    ``placement``: the job's device plan (None: CPU, weights over gloo)."""
     from transformers import AutoTokenizer
 
     from asyncopd.actor.engine import VllmEngine
@@ -360,8 +366,9 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     task = load_task(cfg.task, tokenizer=tokenizer,
                      max_prompt_tokens=cfg.actor.max_model_len - cfg.actor.max_new_tokens,
                      replicate=seeds.prompt_order)
+    me = None if placement is None else placement.for_rank(cfg.cluster.learners + index)
     engine = VllmEngine(student_path, cfg.actor, dtype=cfg.model.student.dtype, seed=seeds.actor + index,
-                        top_k=cfg.teacher.top_k)
+                        top_k=cfg.teacher.top_k, placement=me)
     inbox = Channel(zmq.PULL, bind_host=cfg.cluster.host)
     rendezvous.publish(f"actor/{index}/inbox", inbox.address)
     teachers = [rendezvous.lookup(f"teacher/{j}/router") for j in range(cfg.cluster.teachers)]
@@ -370,14 +377,18 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     # One DEALER per teacher, so that the pool client chooses where each rollout goes.
     dealers = [Channel(zmq.DEALER, connect=[t], identity=f"actor-{index}".encode()) for t in teachers]
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
-    weight_group = WeightGroup(rendezvous.store, 1 + index, 1 + cfg.cluster.actors, cfg.learner.weight_sync_timeout_s)
+    tp = cfg.cluster.gpus_per_actor if me is not None and me.device_type == "cuda" else 1
+    host, port = store_address(rendezvous.store)
+    engine.join_weight_group(host, port, rendezvous.lookup("weights/group_prefix"), 1 + index * tp,
+                             1 + cfg.cluster.actors * tp, cfg.learner.weight_sync_timeout_s,
+                             "gloo" if placement is None else placement.weight_carrier)
     rendezvous.barrier("connected")
     references = None
     if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
         references = read_teacher_references(rendezvous, cfg.cluster.teachers).references
     resume = msgspec.json.decode(rendezvous.lookup("resume"), type=ResumePoint)
-    loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, weight_group=weight_group,
-                     inbox=inbox, dealer=dealers, stats_out=stats_out, references=references, resume=resume)
+    loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, inbox=inbox, dealer=dealers,
+                     stats_out=stats_out, references=references, resume=resume)
     try:
         # The Shutdown message, or the store's flag should that message be lost.
         ended = ShutdownWatch(rendezvous)

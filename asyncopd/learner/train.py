@@ -118,13 +118,13 @@ def _student_stats(model: nn.Module, micro_batch: MicroBatch, teacher: Colocated
 def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[MicroBatch],
             lp_olds: Sequence[torch.Tensor] | None, loss_cfg: LossConfig, learner_cfg: LearnerConfig, *,
             global_num_tokens: int, global_num_seqs: int, dp_size: int,
-            totals: dict[str, float], teacher: ColocatedTeacher | None = None) -> float:
+            totals: dict[str, torch.Tensor], teacher: ColocatedTeacher | None = None) -> float:
     """Forward/backward every micro-batch, clip, step: one optimiser update.
 
     ``lp_olds``: the student's log-probs before the first update of this step, one
     per micro-batch (None: this is the only update, so ``lp_old`` is ``lp`` detached).
-    Adds token-weighted metric sums and the loss into ``totals``; returns the
-    gradient norm."""
+    Adds token-weighted metric sums and the loss into ``totals`` (tensors on the
+    model's device: no host sync per micro-batch); returns the gradient norm."""
     device = model_device(model)
     for i, micro_batch in enumerate(micro_batches):
         micro_batch = micro_batch.to(device)
@@ -137,13 +137,18 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: S
                             topk_valid=None if micro_batch.topk_ids is None else micro_batch.topk_ids >= 0)
         out = compute_loss(inputs, loss_cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs)
         (out.loss * dp_size).backward()  # FSDP averages over ranks; see the module docstring
-        totals["learner/loss"] = totals.get("learner/loss", 0.0) + float(out.loss.detach())
+        _accumulate(totals, "learner/loss", out.loss.detach())
         for key, value in out.metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * out.num_tokens
+            _accumulate(totals, key, value.detach().double() * out.num_tokens)
     grad_norm = _grad_norm(model, learner_cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def _accumulate(totals: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    value = value.to(torch.float64)
+    totals[key] = totals[key] + value if key in totals else value
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequence[TrainSample],
@@ -187,7 +192,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequen
             lp_olds = [[token_logprobs(model, mb.input_ids.to(device), mb.attention_mask.to(device))
                         for mb in micro_batches] for micro_batches, _, _ in minis]
 
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     grad_norm = 0.0
     for _ in range(learner_cfg.ppo_epochs):
         for i, (micro_batches, num_tokens, num_seqs) in enumerate(minis):
@@ -196,7 +201,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Sequen
                                 dp_size=dp_size, totals=totals, teacher=teacher)
 
     keys = sorted(totals)  # the same on every rank: same config, same loss outputs
-    sums = torch.tensor([totals[key] for key in keys], dtype=torch.float64)
+    # One device-to-host copy for all metrics of the step (reduced on the CPU group).
+    sums = torch.stack([totals[key].reshape(()) for key in keys]).cpu()
     sums = _all_reduce(sums, dist.ReduceOp.SUM, dp_size)
     token_passes = learner_cfg.ppo_epochs * sum(num_tokens for _, num_tokens, _ in minis)
     metrics = {key: float(value) if key == "learner/loss" else float(value) / token_passes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +43,17 @@ from asyncopd.learner.resume import (BUFFER_FILE, RESUMES_FILE, check_compatible
 from asyncopd.learner.evaluation import EvalAccumulator, EvalExample
 from asyncopd.learner.io import LearnerIO
 from asyncopd.learner.advantages import sequence_advantages
-from asyncopd.learner.model import iter_full_weights, load_student, make_mesh, model_device, shard_model
+from asyncopd.learner.device import build_student, init_learner_group, limit_memory, resolve_param_dtype
+from asyncopd.learner.model import iter_full_weights, model_device
 from asyncopd.learner.teacher import ColocatedTeacher
+from asyncopd.placement import Placement
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter, supersede_metrics
 from asyncopd.quality import Verdict, collapse_verdict
 from asyncopd.seeds import job_seeds
 from asyncopd.transport import codec
 from asyncopd.transport.discovery import Rendezvous, read_teacher_references
-from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets
+from asyncopd.transport.weights import WeightGroup, broadcast_weights, connect_store, plan_buckets, store_address
 from asyncopd.types import ResumePoint, Rollout, ScoredRollout, TensorSpec, WeightUpdate
 
 __all__ = ["run_learner"]
@@ -120,7 +123,8 @@ class Learner:
     """Model, optimiser and the step loop of one learner rank."""
 
     def __init__(self, cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
-                 buffer, num_eval_prompts: int, teacher_path: str | None = None) -> None:
+                 buffer, num_eval_prompts: int, teacher_path: str | None = None,
+                 placement: Placement | None = None) -> None:
         self.created = time.perf_counter()
         self.cfg, self.index, self.rendezvous = cfg, index, rendezvous
         self.world = cfg.cluster.learners
@@ -128,8 +132,12 @@ class Learner:
         self.run_dir = cfg.run.run_dir
         self.serve_dtype = cfg.model.student.dtype
         torch.manual_seed(job_seeds(cfg).learner)
-        self.model = load_student(student_path, torch.float32)  # fp32 master weights; compute in param_dtype
-        shard_model(self.model, make_mesh("cpu"), _DTYPES[cfg.learner.param_dtype])
+        self.placement = placement
+        self.device = torch.device("cpu" if placement is None else placement.for_rank(index).device)
+        # fp32 master weights; compute in param_dtype (bf16 by default on GPU).
+        self.model = build_student(student_path, self.device,
+                                   resolve_param_dtype(cfg.learner.param_dtype, self.device),
+                                   activation_checkpointing=cfg.learner.activation_checkpointing)
         self.optimizer = make_optimizer(self.model, cfg.learner)
         self.teacher: ColocatedTeacher | None = None
         if cfg.teacher.backend == "colocated":
@@ -172,10 +180,27 @@ class Learner:
                 policy_version=self.policy_version, run_start_version=self.run_start_version,
                 first_batch=first_batch, evaluated=sorted(self.evals))).decode())
         specs = [TensorSpec(name, tuple(t.shape), self.serve_dtype)
-                 for name, t in iter_full_weights(self.model, _DTYPES[self.serve_dtype])]
+                 for name, t in self._weights_to_send()]
         self.buckets = plan_buckets(specs, int(cfg.learner.weight_sync_bucket_mb * 2**20))
-        self.weight_group = (WeightGroup(rendezvous.store, 0, 1 + cfg.cluster.actors,
-                                         cfg.learner.weight_sync_timeout_s) if index == 0 else None)
+        self.weight_group = self._join_weight_group() if index == 0 else None
+
+    def _weights_to_send(self):
+        """The full weights in the serving dtype, without a tied lm_head (the receiver
+        ties it, or adds it from the embedding on vLLM's CPU build)."""
+        tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        return ((name, t) for name, t in iter_full_weights(self.model, _DTYPES[self.serve_dtype])
+                if not (tied and name == "lm_head.weight"))
+
+    def _join_weight_group(self) -> WeightGroup:
+        """Learner rank 0 as member 0 of the weight group (blocks until the actors join)."""
+        carrier = "gloo" if self.placement is None else self.placement.weight_carrier
+        tp = self.cfg.cluster.gpus_per_actor if self.device.type == "cuda" else 1
+        prefix = f"asyncopd/weight_group/{uuid.uuid4().hex}"  # fresh keys for every job attempt
+        self.rendezvous.publish("weights/group_prefix", prefix)
+        host, port = store_address(self.rendezvous.store)
+        return WeightGroup(connect_store(host, port, self.cfg.learner.weight_sync_timeout_s), 0,
+                           1 + self.cfg.cluster.actors * tp, self.cfg.learner.weight_sync_timeout_s,
+                           carrier=carrier, device=self.device if carrier != "gloo" else "cpu", prefix=prefix)
 
     def _score(self, rollouts: list[Rollout]) -> list[np.ndarray]:
         assert self.teacher is not None
@@ -268,7 +293,7 @@ class Learner:
 
     def publish_weights(self) -> float:
         """Every learner rank gathers; rank 0 streams the buckets to the actors."""
-        tensors = iter_full_weights(self.model, _DTYPES[self.serve_dtype])
+        tensors = self._weights_to_send()
         if self.index != 0:
             for _ in tensors:
                 pass
@@ -417,13 +442,17 @@ class Learner:
 
 
 def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
-                buffer, num_eval_prompts: int, teacher_path: str | None = None) -> None:
+                buffer, num_eval_prompts: int, teacher_path: str | None = None,
+                placement: Placement | None = None) -> None:
     """The learner role's main. ``teacher_path``: the teacher loaded in process with
-    teacher.backend=colocated (unused otherwise)."""
-    dist.init_process_group("gloo", store=dist.PrefixStore("asyncopd/learners", rendezvous.store),
-                            rank=index, world_size=cfg.cluster.learners)
+    teacher.backend=colocated (unused otherwise); ``placement``: the job's device plan
+    (None: CPU)."""
+    me = None if placement is None else placement.for_rank(index)
+    device = torch.device("cpu" if me is None else me.device)
+    init_learner_group(device, dist.PrefixStore("asyncopd/learners", rendezvous.store), index, cfg.cluster.learners)
+    limit_memory(device, None if me is None else me.memory_fraction)
     learner = Learner(cfg, index, rendezvous, student_path, buffer=buffer, num_eval_prompts=num_eval_prompts,
-                      teacher_path=teacher_path)
+                      teacher_path=teacher_path, placement=placement)
     try:
         summary = learner.run()
         if summary is not None:

@@ -8,8 +8,9 @@ rollout's ``student_topk_ids`` the teacher's list lacks, padded with -1 to 2k, w
 the teacher's log-prob of each id (0 at padding).
 
 :class:`HFScorer` runs one transformers forward over each token-budgeted batch of
-prompt+response sequences and takes the log-softmax only at response positions
-(never a dense [tokens, vocab] log-softmax of the whole batch).
+prompt+response sequences, and applies the output head and the log-softmax only at
+response positions (never [batch, seq, vocab] logits of the whole batch: on a
+large-vocabulary teacher those dominate memory).
 
 This module does no networking; :mod:`asyncopd.teacher.worker` feeds it. The
 backend that scores on a remote vLLM server is :mod:`asyncopd.teacher.http`.
@@ -104,6 +105,10 @@ class HFScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.eval()
+        text_config = self.model.config.get_text_config()
+        # Soft-capped or scaled logits are computed by the model's own forward only.
+        self._full_logits = bool(getattr(text_config, "final_logit_softcapping", None)
+                                 or getattr(text_config, "logit_scale", None))
         self.vocab_size = self.model.config.vocab_size
         if not 0 <= top_k <= self.vocab_size:
             raise ValueError(f"teacher.top_k={top_k}: must be in [0, {self.vocab_size}] (the teacher's "
@@ -124,12 +129,12 @@ class HFScorer:
             ids = np.concatenate([r.prompt_ids, r.response_ids])
             input_ids[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
             attention[row, : ids.size] = 1
-        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device)).logits
+        hidden = self._hidden(input_ids.to(self.device), attention.to(self.device))  # [B, T, H] (or logits)
         results = []
         for row, r in enumerate(rollouts):
             start, n = r.prompt_ids.shape[0], r.response_ids.shape[0]
-            # logits at position t predict token t+1: response token j sits at start+j.
-            logprobs = torch.log_softmax(logits[row, start - 1 : start - 1 + n].float(), dim=-1)  # [n, vocab]
+            # position t predicts token t+1: response token j sits at start+j.
+            logprobs = torch.log_softmax(self._head(hidden[row, start - 1 : start - 1 + n]).float(), dim=-1)  # [n, V]
             targets = self._tensor(r.response_ids)
             sampled = logprobs.gather(1, targets[:, None]).squeeze(1)
             if not self.top_k:
@@ -140,6 +145,14 @@ class HFScorer:
             results.append(TeacherScore(logprobs=_numpy(sampled, np.float32), topk_ids=_numpy(ids, np.int32),
                                         topk_logprobs=_numpy(lps, np.float32)))
         return results
+
+    def _hidden(self, input_ids: Tensor, attention: Tensor) -> Tensor:
+        if self._full_logits:
+            return self.model(input_ids=input_ids, attention_mask=attention).logits
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        return hidden if self._full_logits else self.model.get_output_embeddings()(hidden)
 
     def _tensor(self, array: np.ndarray) -> Tensor:
         return torch.from_numpy(array.astype(np.int64)).to(self.device)

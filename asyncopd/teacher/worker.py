@@ -27,6 +27,7 @@ import zmq
 from asyncopd import trace
 from asyncopd.config import JobConfig
 from asyncopd.teacher.references import publish_references
+from asyncopd.placement import Placement
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
@@ -125,13 +126,23 @@ class TeacherWorker:
 
 
 def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path: str | None,
-                student_path: str | None = None) -> None:
+                student_path: str | None = None, *, placement: Placement | None = None) -> None:
     """The teacher role's main: bind, publish, connect, serve until shutdown.
     ``teacher_path``: the local teacher model (None with teacher.backend=vllm_http);
     ``student_path``: whose tokenizer encodes the held-out prompts for the teacher's
-    evaluation references (rank 0 samples them before the roles connect)."""
+    evaluation references (rank 0 samples them before the roles connect).
+    ``placement``: the job's device plan (None: CPU)."""
     scorer: Scorer
-    if cfg.teacher.backend == "vllm_http":
+    me = None if placement is None else placement.for_rank(cfg.cluster.learners + cfg.cluster.actors + index)
+    if cfg.teacher.backend == "vllm":
+        from asyncopd.teacher.vllm_scorer import VllmScorer
+
+        assert teacher_path is not None, "the vllm backend scores with a local model"
+        scorer = VllmScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k,
+                            max_model_len=cfg.actor.max_model_len + 1, kv_cache_gib=cfg.teacher.kv_cache_gib,
+                            enforce_eager=cfg.actor.enforce_eager, placement=me)
+        max_batch_tokens = cfg.teacher.max_batch_tokens
+    elif cfg.teacher.backend == "vllm_http":
         from asyncopd.teacher.http import HttpScorer
 
         scorer = HttpScorer.from_config(cfg.teacher, startup_timeout_s=cfg.cluster.startup_timeout_s)
@@ -140,7 +151,12 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
         max_batch_tokens = cfg.teacher.max_batch_tokens * cfg.teacher.http_concurrency
     else:
         assert teacher_path is not None, "the hf backend scores with a local model"
-        if cfg.teacher.supervise_scorer:
+        device = None if me is None else me.device
+        if me is not None and me.device_type == "cuda" and me.memory_fraction is not None:
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(me.memory_fraction, 0)
+        if cfg.teacher.supervise_scorer:  # the child process runs on the CPU (a GPU scorer: not yet)
             from asyncopd.teacher.supervised import HFScorerFactory, SupervisedScorer
 
             factory = HFScorerFactory(teacher_path, cfg.model.teacher.dtype, cfg.teacher.top_k,
@@ -148,7 +164,7 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
             scorer = SupervisedScorer(factory, timeout_s=cfg.teacher.request_timeout_s,
                                       startup_timeout_s=cfg.cluster.startup_timeout_s)
         else:
-            scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k)
+            scorer = HFScorer(teacher_path, dtype=cfg.model.teacher.dtype, top_k=cfg.teacher.top_k, device=device)
         max_batch_tokens = cfg.teacher.max_batch_tokens
     worker = TeacherWorker(scorer, index=index, host=cfg.cluster.host, max_batch_tokens=max_batch_tokens,
                            batch_wait_s=cfg.teacher.batch_wait_s)
