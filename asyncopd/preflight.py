@@ -37,14 +37,26 @@ def preflight(cfg: JobConfig) -> None:
 def check_data_files(cfg: JobConfig) -> None:
     from asyncopd.tasks.jsonl import JsonlError, load_jsonl
 
+    tokenizer = None  # "messages" lines are rendered with the student's chat template
+    student = cfg.model.student.path
+    if student is not None and (Path(student).expanduser() / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(Path(student).expanduser())
     for name in ("train_path", "eval_path"):
         path = getattr(cfg.task, name)
         if path is None:
             continue
         try:
-            load_jsonl(path, require_answer=cfg.task.reward != "none")
+            load_jsonl(path, tokenizer=tokenizer, require_answer=cfg.task.reward != "none")
         except JsonlError as exc:
             raise ConfigError(f"task.{name}={path!r}: {exc}") from None
+        except ValueError:
+            if tokenizer is not None:
+                raise
+            # "messages" lines and a student built later (the chat task's default): the
+            # roles load the file again with its tokenizer.
+            continue
 
 
 def _looks_like_hub_id(path: str) -> bool:
