@@ -377,7 +377,7 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
     # One DEALER per teacher, so that the pool client chooses where each rollout goes.
     dealers = [Channel(zmq.DEALER, connect=[t], identity=f"actor-{index}".encode()) for t in teachers]
     stats_out = Channel(zmq.PUSH, connect=[rendezvous.lookup("learner/inbox")])
-    tp = cfg.cluster.gpus_per_actor if me is not None and me.device_type == "cuda" else 1
+    tp = 1 if me is None else me.tensor_parallel_size  # the placement decides (1 on the CPU)
     host, port = store_address(rendezvous.store)
     engine.join_weight_group(host, port, rendezvous.lookup("weights/group_prefix"), 1 + index * tp,
                              1 + cfg.cluster.actors * tp, cfg.learner.weight_sync_timeout_s,

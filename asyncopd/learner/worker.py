@@ -194,7 +194,8 @@ class Learner:
     def _join_weight_group(self) -> WeightGroup:
         """Learner rank 0 as member 0 of the weight group (blocks until the actors join)."""
         carrier = "gloo" if self.placement is None else self.placement.weight_carrier
-        tp = self.cfg.cluster.gpus_per_actor if self.device.type == "cuda" else 1
+        # Every actor engine's workers join; the placement knows their count (1 on the CPU).
+        tp = 1 if self.placement is None else self.placement.for_rank(self.cfg.cluster.learners).tensor_parallel_size
         prefix = f"asyncopd/weight_group/{uuid.uuid4().hex}"  # fresh keys for every job attempt
         self.rendezvous.publish("weights/group_prefix", prefix)
         host, port = store_address(self.rendezvous.store)
