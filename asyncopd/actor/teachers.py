@@ -111,8 +111,17 @@ class TeacherPoolClient:
             self.dealers[teacher].send(Heartbeat(policy_version=self.policy_version, sent_at=now))
         resample: list[Any] = []
         for teacher in self.pool.check():
-            # Its rollouts that no healthy teacher holds as well (those wait for their deadline).
             healthy = [self.pool.teachers[k] for k in self.pool.healthy()]
+            if not healthy:
+                # Nowhere to route to: resending would only queue copies at the same busy
+                # teacher and spend its retries. Its rollouts wait for their deadline.
+                logger.warning("actor %d: teacher %d silent for %.0fs (teacher.silence_timeout_s=%g) and no other "
+                               "teacher is healthy; its %d rollouts wait up to teacher.request_timeout_s=%g (%s)",
+                               self.actor_index, teacher, self.pool.silent_for_s(teacher),
+                               self.cfg.silence_timeout_s, len(self.pool.outstanding_at(teacher)),
+                               self.cfg.request_timeout_s, self.pool.describe())
+                continue
+            # Its rollouts that no healthy teacher holds as well (those wait for their deadline).
             stranded = [rid for rid in self.pool.outstanding_at(teacher)
                         if rid in self.unacked and not any(rid in t.outstanding for t in healthy)]
             logger.warning("actor %d: teacher %d silent for %.0fs (teacher.silence_timeout_s=%g); routing around "

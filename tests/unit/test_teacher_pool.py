@@ -178,6 +178,26 @@ def test_frozen_teacher_is_routed_around_and_its_rollouts_are_resent_to_the_othe
     assert client.num_unscored == 0
 
 
+def test_a_busy_single_teacher_keeps_its_rollouts_until_their_deadline() -> None:
+    """One teacher, slow on a starved core: silence must not resend copies to it (each
+    would spend a retry and end in a dropped, resampled slot); the deadline still holds."""
+    client, dealers, clock = make_client(1, request_timeout_s=60.0, max_retries=1)
+    for i in range(3):
+        client.send(rollout(f"r{i}"), request=f"slot{i}")
+    for _ in range(30):
+        clock.now += 1.0
+        assert client.tick() == []
+    assert client.pool.silent() == [0]
+    assert dealers[0].rollouts() == ["r0", "r1", "r2"] and client.num_retries == 0
+    client.handle(0, ScoreAck(rollout_id="r0", ok=True, policy_version=0))  # it was only busy
+    assert client.pool.healthy() == [0] and set(client.unacked) == {"r1", "r2"}
+    clock.now += 31.0  # r1, r2 now past their 60 s deadline: retried once, on the only teacher
+    assert client.tick() == []
+    assert dealers[0].rollouts() == ["r0", "r1", "r2", "r1", "r2"] and client.num_retries == 2
+    clock.now += 61.0
+    assert sorted(client.tick()) == ["slot1", "slot2"] and client.num_unscored == 2
+
+
 def test_a_failed_score_is_retried_on_the_other_teacher_then_dropped_for_resampling() -> None:
     client, dealers, clock = make_client(max_retries=1)
     client.send(rollout("r0"), request="slot0")
