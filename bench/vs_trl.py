@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -146,22 +147,27 @@ def trl_worker(spec_path: Path) -> None:
     (out / "clock.json").write_text(json.dumps({str(k): v for k, v in sorted(clock.items())}))
 
 
-def run_trl(spec: TaskSpec, out: Path, threads: int) -> float:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants (torchrun's workers too)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_trl(spec: TaskSpec, out: Path, threads: int) -> tuple[float, float]:
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.json"
     job.write_text(json.dumps({"spec": asdict(spec), "out": str(out), "threads": threads}))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     with open(out / "log.txt", "w") as log:
         result = subprocess.run([sys.executable, __file__, "--trl-worker", str(job)], cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"TRL run failed (exit {result.returncode}); see {out / 'log.txt'}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_s() - cpu
 
 
 # ---------------------------------------------------------------------- asyncopd side
 
-def run_asyncopd(spec: TaskSpec, side: str, out: Path, extra: list[str]) -> float:
+def run_asyncopd(spec: TaskSpec, side: str, out: Path, extra: list[str]) -> tuple[float, float]:
     config_name, overrides = SIDES[side]
     if out.exists():
         shutil.rmtree(out)  # resume=auto would continue an old run
@@ -171,12 +177,12 @@ def run_asyncopd(spec: TaskSpec, side: str, out: Path, extra: list[str]) -> floa
                "learner.checkpoint_every_s=null", "eval.enabled=false", "learner.export_hf=false",
                "run.wandb=disabled", "run.progress=false", f"run.dir={out}", *extra]
     print("running:", " ".join(command[2:]), flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     with open(str(out) + ".log", "w") as log:
         result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"asyncopd {side} run failed (exit {result.returncode}); see {out}.log")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_s() - cpu
 
 
 def asyncopd_clock(run_dir: Path) -> dict[int, float]:
@@ -312,7 +318,8 @@ def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
           f"({len(eval_prompts)} prompts x {spec.eval_samples} samples, one evaluate() for all)")
     for side, curve in curves.items():
         per_step = curve[-1][1] / max(curve[-1][0], 1)
-        print(f"   {side:<10} s/step {per_step:.3f}  job wall {walls.get(side, float('nan')):.0f}s  "
+        wall, cpu = walls.get(side, (math.nan, math.nan))
+        print(f"   {side:<10} s/step {per_step:.3f}  job wall {wall:.0f}s, job CPU {cpu:.0f}s  "
               f"curve " + ", ".join(f"{s}:{r:.3f}@{t:.1f}s" for s, t, r in curve[1:]))
     ratios = {}
     for label, target in targets.items():
@@ -381,7 +388,7 @@ def main() -> int:
                 else:
                     walls[side] = run_asyncopd(spec, side, out / side, extra)
                 walls_file.write_text(json.dumps(walls))
-                print(f"   {side}: job wall {walls[side]:.0f}s", flush=True)
+                print(f"   {side}: job wall {walls[side][0]:.0f}s, CPU {walls[side][1]:.0f}s", flush=True)
         ratios[spec.name] = report(spec, out, walls)
     print(f"vs_trl demo_time_ratio {ratios['demo']:.2f} real_time_ratio {ratios['real']:.2f}")
     return 0
