@@ -123,28 +123,34 @@ def trl_worker(spec_path: Path) -> None:
     snapshots = out / "snapshots"
     snapshots.mkdir(parents=True, exist_ok=True)
     clock: dict[int, float] = {}
+    cpu: dict[int, float] = {}  # process CPU seconds (all threads), for CPU per sample
 
     class Snapshot(TrainerCallback):
         def __init__(self) -> None:
             self.start = 0.0
             self.excluded = 0.0
+            self.excluded_cpu = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
+            self.cpu_start = time.process_time()
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             if state.global_step % spec.snapshot_every == 0 or state.global_step == spec.steps:
                 clock[state.global_step] = now - self.start - self.excluded
+                cpu[state.global_step] = now_cpu - self.cpu_start - self.excluded_cpu
                 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                            snapshots / f"step_{state.global_step}.pt")
                 self.excluded += time.perf_counter() - now
+                self.excluded_cpu += time.process_time() - now_cpu
 
     trainer = DistillationTrainer(model=model, teacher_model=teacher_model, args=args,
                                   train_dataset=Dataset.from_dict({"prompt": train}), processing_class=tokenizer,
                                   callbacks=[Snapshot()])
     trainer.train()
     (out / "clock.json").write_text(json.dumps({str(k): v for k, v in sorted(clock.items())}))
+    (out / "cpu.json").write_text(json.dumps({str(k): v for k, v in sorted(cpu.items())}))
 
 
 def _children_cpu_s() -> float:
@@ -321,6 +327,11 @@ def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
         wall, cpu = walls.get(side, (math.nan, math.nan))
         print(f"   {side:<10} s/step {per_step:.3f}  job wall {wall:.0f}s, job CPU {cpu:.0f}s  "
               f"curve " + ", ".join(f"{s}:{r:.3f}@{t:.1f}s" for s, t, r in curve[1:]))
+        cpu_file = out / side / "cpu.json"
+        if cpu_file.is_file():
+            cpu_clock = {int(k): v for k, v in json.loads(cpu_file.read_text()).items()}
+            last = max(cpu_clock)
+            print(f"   {'':<10} process CPU {cpu_clock[last] / last:.3f} core-s/step over {last} steps")
     ratios = {}
     for label, target in targets.items():
         line = f"   target {label} (rKL {target:.4f}):"
