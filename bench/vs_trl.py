@@ -379,6 +379,7 @@ def main() -> int:
     parser.add_argument("--sides", default="trl,topk,colocated", help="which runs to (re)do")
     parser.add_argument("--out", type=Path, default=Path("/tmp/vs_trl"))
     parser.add_argument("--from-out", action="store_true", help="only score and print the runs in --out")
+    parser.add_argument("--no-score", action="store_true", help="only run (score later with --from-out)")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.trl_worker:
@@ -400,7 +401,8 @@ def main() -> int:
                     walls[side] = run_asyncopd(spec, side, out / side, extra)
                 walls_file.write_text(json.dumps(walls))
                 print(f"   {side}: job wall {walls[side][0]:.0f}s, CPU {walls[side][1]:.0f}s", flush=True)
-        ratios[spec.name] = report(spec, out, walls)
+        if not args.no_score:
+            ratios[spec.name] = report(spec, out, walls)
     print(f"vs_trl demo_time_ratio {ratios['demo']:.2f} real_time_ratio {ratios['real']:.2f}")
     return 0
 
