@@ -5,12 +5,17 @@ say otherwise) with a step count it will not reach, samples the resident set siz
 (``VmRSS``) of every rank (learner, actor, teacher) every ``--every-s`` seconds for
 ``--minutes`` minutes, then ends the job. After a warm-up (``--warmup-min``: engine
 start, first evaluation, allocator growth), it fits a straight line to each rank's
-RSS and reports the slope. A rank "grows" when the fitted line rises by more than
-``--tolerance-mb`` (default 50 MB) per hour of running; the allocator's own
+RSS and reports the slope, over everything after the warm-up and over the second
+half of the run alone: a process that is still settling (allocator pools filling up
+to their working size) rises early and levels off, so the second half shows the
+trend, a leak rises in both. A rank "grows" when its second-half line rises by more
+than ``--tolerance-mb`` (default 50 MB) per hour of running; the allocator's own
 fluctuation on these processes is a few MB.
 
-The samples go to ``--out`` (JSON lines: time, rank, role, rss_mb). Last line:
-``soak minutes M ranks R max_slope_mb_per_h X growing G`` (G = ranks that grow).
+The samples go to ``--out`` (JSON lines: time, rank, role, rss_mb, and anon_mb: the
+anonymous part of it, heap and allocator pools, from ``/proc/<pid>/smaps_rollup``). Last line:
+``soak minutes M ranks R max_slope_mb_per_h X growing G`` (X: the largest second-half
+slope; G = ranks that grow).
 
 Usage: python bench/soak.py [--minutes 30] [--every-s 30] [--warmup-min 5] [--out soak.jsonl] [overrides...]
 """
@@ -70,6 +75,18 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def anonymous_mb(pid: int) -> float | None:
+    """Anonymous memory of ``pid`` (heap, allocator arenas, tensors), without the
+    file-backed pages (libraries, mapped models) that RSS also counts."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def slope_mb_per_h(times_s: list[float], values_mb: list[float]) -> float:
     if len(times_s) < 3:
         return float("nan")
@@ -108,8 +125,10 @@ def main() -> int:
                     if value is None:
                         continue
                     samples.setdefault(rank, []).append((now, value))
+                    anon = anonymous_mb(pid)
                     sink.write(json.dumps({"t_s": round(now, 1), "rank": rank, "role": ROLES.get(rank, "?"),
-                                           "pid": pid, "rss_mb": round(value, 1)}) + "\n")
+                                           "pid": pid, "rss_mb": round(value, 1),
+                                           "anon_mb": None if anon is None else round(anon, 1)}) + "\n")
                 sink.flush()
                 time.sleep(args.every_s)
     finally:
@@ -122,13 +141,16 @@ def main() -> int:
         if (run_dir / "metrics.jsonl").is_file() else 0
     print(f"{steps} steps trained in {args.minutes:g} min; samples in {out}")
     slopes = {}
+    half_s = args.minutes * 60 / 2
     for rank, series in sorted(samples.items()):
         kept = [(t, v) for t, v in series if t >= args.warmup_min * 60]
+        late = [(t, v) for t, v in series if t >= half_s]
         slope = slope_mb_per_h([t for t, _ in kept], [v for _, v in kept])
-        slopes[rank] = slope
+        slopes[rank] = slope_mb_per_h([t for t, _ in late], [v for _, v in late])
         values = [v for _, v in kept] or [float("nan")]
-        print(f"rank {rank} ({ROLES.get(rank, '?')}): RSS after warm-up {values[0]:.0f} -> {values[-1]:.0f} MB "
-              f"(min {min(values):.0f}, max {max(values):.0f}), fitted slope {slope:+.1f} MB/h")
+        print(f"rank {rank} ({ROLES.get(rank, '?')}): RSS at start {series[0][1]:.0f} MB, after warm-up "
+              f"{values[0]:.0f} -> {values[-1]:.0f} MB (min {min(values):.0f}, max {max(values):.0f}), "
+              f"fitted slope {slope:+.1f} MB/h after warm-up, {slopes[rank]:+.1f} MB/h over the second half")
     growing = [r for r, s in slopes.items() if not np.isfinite(s) or s > args.tolerance_mb]
     max_slope = max(slopes.values()) if slopes else float("nan")
     print(f"soak minutes {args.minutes:g} ranks {len(slopes)} max_slope_mb_per_h {max_slope:.1f} "

@@ -18,7 +18,7 @@ Rules, each counted in :attr:`stats`:
   when its batch is taken;
 - a sample for a step already trained is refused (``dropped_late``);
 - a second copy of a rollout (a retried scoring that both teachers finished) is
-  refused (``duplicates``);
+  refused (``duplicates``; once its step is trained, as ``dropped_late``);
 - a second sample for one slot (a dropped rollout that was scored late after all,
   next to the resample that replaced it: both carry the slot, see
   ``Rollout.slot_id``) is refused (``dropped_superseded``), and so is any sample
@@ -30,6 +30,12 @@ Rules, each counted in :attr:`stats`:
   refused (``dropped_surplus``): a slot resampled after its scoring timed out
   must not be trained next to the late original, so no step trains more than
   ``batch_size`` samples.
+
+Memory. What the rules need to remember (rollout ids seen, slots taken) is kept per
+step and forgotten when the step's batch is taken: anything for a trained step is
+refused as late anyway. A job of any length holds the bookkeeping of at most the
+``max_staleness + 1`` steps in flight (the 30-minute soak of issue 10 grew by the
+ids of every rollout ever received before).
 
 Restarts. :meth:`StalenessBuffer.snapshot` hands out the held samples of some
 batches (and their dropped-slot counts) without taking them, for a checkpoint;
@@ -102,8 +108,10 @@ class StalenessBuffer(Generic[S]):
         self.stats = BufferStats()
         self._held: dict[int, list[S]] = defaultdict(list)
         self._dropped_slots: dict[int, int] = defaultdict(int)
-        self._seen: set[str] = set()
-        self._slots: set[str] = set()
+        self._seen: dict[int, set[str]] = defaultdict(set)
+        """Rollout ids received, by step (batch_index); a step's set goes with its batch."""
+        self._slots: dict[int, set[str]] = defaultdict(set)
+        """Slots taken, by step; a resample carries its slot's batch_index."""
         self._num_held = 0
 
     def __len__(self) -> int:
@@ -114,18 +122,20 @@ class StalenessBuffer(Generic[S]):
 
     def put(self, sample: S, learner_version: int) -> bool:
         """Offer one sample; returns whether it was kept."""
-        if sample.rollout_id in self._seen:
-            self.stats.duplicates += 1
-            return False
-        self._seen.add(sample.rollout_id)
         if sample.batch_index < learner_version:
             self.stats.dropped_late += 1
             return False
+        seen = self._seen[sample.batch_index]
+        if sample.rollout_id in seen:
+            self.stats.duplicates += 1
+            return False
+        seen.add(sample.rollout_id)
+        slots = self._slots[sample.batch_index]
         slot = getattr(sample, "slot", None) or sample.rollout_id
-        if slot in self._slots:
+        if slot in slots:
             self.stats.dropped_superseded += 1
             return False
-        self._slots.add(slot)
+        slots.add(slot)
         if self.staleness(sample, learner_version) > self.max_staleness:
             self.stats.dropped_stale += 1
             self._dropped_slots[sample.batch_index] += 1
@@ -170,8 +180,8 @@ class StalenessBuffer(Generic[S]):
                 if name != "last_batch_staleness":
                     setattr(self.stats, name, value)
         for sample in samples:
-            self._seen.add(sample.rollout_id)
-            self._slots.add(getattr(sample, "slot", None) or sample.rollout_id)
+            self._seen[sample.batch_index].add(sample.rollout_id)
+            self._slots[sample.batch_index].add(getattr(sample, "slot", None) or sample.rollout_id)
             self._held[sample.batch_index].append(sample)
         self._num_held = len(samples)
         for k, count in dropped.items():
@@ -201,6 +211,10 @@ class StalenessBuffer(Generic[S]):
         # learner's sums over the batch would then differ in their last bits between runs.
         candidates = sorted(self._held.pop(learner_version, []), key=lambda s: s.rollout_id)
         self._dropped_slots.pop(learner_version, None)
+        for trained in [k for k in self._seen if k <= learner_version]:
+            del self._seen[trained]  # later copies of this step are late: no need to remember it
+        for trained in [k for k in self._slots if k <= learner_version]:
+            del self._slots[trained]
         self._num_held -= len(candidates)
         batch: list[S] = []
         for sample in candidates:

@@ -91,7 +91,8 @@ class EvalAccumulator:
         self.num_references = num_references
         self.num_examples = num_examples
         self._results: dict[int, list[ScoredRollout]] = defaultdict(list)
-        self._seen: set[str] = set()
+        self._seen: dict[int, set[str]] = defaultdict(set)
+        """Rollout ids received, by version under evaluation; dropped once it completes."""
         self.completed: dict[int, dict[str, float]] = {}
         self.examples: dict[int, list[EvalExample]] = {}
         """Per completed version, the first ``num_examples`` held-out prompts; the reader pops them."""
@@ -103,10 +104,10 @@ class EvalAccumulator:
     def add(self, scored: ScoredRollout) -> dict[str, float] | None:
         """Record one eval sample; returns the version's metrics once it is complete."""
         rollout = scored.rollout
-        if rollout.rollout_id in self._seen:
-            return None
-        self._seen.add(rollout.rollout_id)
         version = rollout.batch_index
+        if version in self.completed or rollout.rollout_id in self._seen[version]:
+            return None  # a copy (a retried scoring that two teachers finished)
+        self._seen[version].add(rollout.rollout_id)
         results = self._results[version]
         results.append(scored)
         if len(results) < self.expected:
@@ -116,6 +117,7 @@ class EvalAccumulator:
         self.examples[version] = self._examples(results)
         self.completed[version] = metrics
         del self._results[version]
+        del self._seen[version]  # later copies are refused as completed: a long job keeps no ids
         return metrics
 
     def pending(self, version: int) -> bool:

@@ -109,3 +109,26 @@ def test_a_step_never_holds_more_than_batch_size_samples() -> None:
     batch = buffer.next_batch(0)
     assert len(batch) == 8 and buffer.stats.dropped_surplus == 6
     assert buffer.slots_accounted(1) == 0
+
+
+def test_bookkeeping_stays_bounded_over_a_long_job() -> None:
+    # Issue 10's soak: the ids of every rollout ever received were kept (~60 MB/h of learner
+    # RSS at the demo's rate). Only the steps in flight (max_staleness + 1) are remembered now.
+    eta, batch = 2, 16
+    buffer = StalenessBuffer(batch_size=batch, max_staleness=eta, capacity=batch * (eta + 2))
+    for step in range(2_000):
+        for batch_index in range(0, eta + 1) if step == 0 else [step + eta]:  # eta steps ahead
+            fill(buffer, batch_index, batch, version=max(0, batch_index - eta), learner_version=step)
+        assert len(buffer.next_batch(step)) == batch
+        remembered = sum(map(len, buffer._seen.values())) + sum(map(len, buffer._slots.values()))
+        assert remembered <= 2 * batch * eta and max(buffer._seen, default=step) <= step + eta
+    assert buffer.stats.accepted == (2_000 + eta) * batch and len(buffer) == batch * eta
+
+
+def test_a_copy_arriving_after_its_step_was_trained_is_refused_as_late() -> None:
+    buffer = StalenessBuffer(batch_size=1, max_staleness=1, capacity=4)
+    assert buffer.put(S("a", 0, 0), 0)
+    assert len(buffer.next_batch(0)) == 1
+    assert not buffer.put(S("a", 0, 0), 1)  # its id is forgotten, its step is trained
+    assert not buffer.put(Resample("a-r", 0, 0, slot="a"), 1)
+    assert buffer.stats.dropped_late == 2 and buffer.stats.accepted == 1

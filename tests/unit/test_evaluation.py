@@ -114,3 +114,14 @@ def test_the_console_summary_names_a_collapse(caplog, tmp_path) -> None:
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "verdict: COLLAPSE: student distinct-2 0.003" in warning.getMessage()
     assert any("repetition rate" in r.getMessage() and "(teacher n/a)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_completed_version_forgets_its_ids_and_refuses_late_copies() -> None:
+    # A long job evaluates again and again; the ids of finished evaluations must not pile up.
+    acc = EvalAccumulator(num_prompts=1, rkl_samples=1)
+    for version in range(50):
+        assert acc.add(_scored(f"g{version}", "eval_greedy", 1.0, [-0.1], [-0.1], version=version)) is None
+        assert acc.add(_scored(f"e{version}", "eval_sample", 1.0, [-0.1], [-0.2], version=version)) is not None
+    assert not acc._seen and not acc._results and len(acc.completed) == 50
+    assert acc.add(_scored("g3", "eval_greedy", 0.0, [-0.1], [-0.1], version=3)) is None  # late copy
+    assert not acc._seen and not acc._results and acc.completed[3]["eval/accuracy"] == 1.0
