@@ -519,8 +519,9 @@ class LossConfig:
     """Direct KL loss L_kl with gradient through the student (KDRL / pure KD). "auto"
     (the default): the exact reverse KL the teacher's placement allows, the objectives
     that learned most per sample on the demo (bench/results/objectives.txt): "full" with
-    teacher.backend=colocated, else "topk" (teacher.top_k then defaults to 16); decided
-    once, in JobConfig, so every role sees the resolved name. On the
+    teacher.backend=colocated, else "topk" (teacher.top_k then defaults to 16), or
+    "none" when teacher.top_k=0 is set explicitly; decided once, in JobConfig, so every
+    role sees the resolved name. On the
     sampled tokens, with d = lp - lp_teacher: "k1" = d, "k2" = d^2 / 2 (its gradient is
     the reverse KL's), "k3" = exp(-d) + d - 1 (verl low_var_kl; its gradient is the
     forward KL's). "topk": the exact reverse KL over the union of teacher and student
@@ -699,7 +700,8 @@ class EvalConfig:
     """Temperature-1 samples per held-out prompt behind eval/rkl, the Monte-Carlo
     estimate of the per-token reverse KL to the teacher (more = less noise)."""
     teacher_samples: bool = True
-    """Teacher rank 0 samples one reference answer per held-out prompt at start-up
+    """The rank holding the teacher (teacher rank 0; learner rank 0 with
+    teacher.backend=colocated) samples one reference answer per held-out prompt at start-up
     (T=1, seeded by actor.seed, up to actor.max_new_tokens); every evaluation then
     reports the student's NLL of them (eval/teacher_sample_nll) and compares the
     student's diversity with the teacher's. False: skip those measures (the collapse
@@ -776,12 +778,13 @@ class JobConfig:
     def _resolve_objective(self) -> None:
         """Decide the objective's "unset" fields, here and nowhere else, so that every role
         (and config.yaml in the run directory) sees concrete values: loss.kl_loss="auto" ->
-        "full" with the teacher in the learner, else "topk"; teacher.top_k=None ->
+        "full" with the teacher in the learner, else "topk" ("none" if teacher.top_k=0 is
+        set); teacher.top_k=None ->
         DEFAULT_TOP_K for "topk", else 0; loss.pg_coef=None -> 0 for pure KD (a KL loss with
         the OPD advantage), else 1. Explicit values are kept, and checked afterwards."""
         loss, teacher = self.loss, self.teacher
-        if loss.kl_loss == "auto":
-            loss.kl_loss = "full" if teacher.backend == "colocated" else "topk"
+        if loss.kl_loss == "auto":  # an explicit teacher.top_k=0 leaves remote teachers the OPD advantage alone
+            loss.kl_loss = "full" if teacher.backend == "colocated" else "none" if teacher.top_k == 0 else "topk"
         if teacher.top_k is None:
             teacher.top_k = DEFAULT_TOP_K if loss.kl_loss == "topk" else 0
         if loss.pg_coef is None:

@@ -281,6 +281,7 @@ def test_ranks_of_a_directly_started_world_share_one_private_key_file(tmp_path: 
         (["loss.kl_loss=none"], "none", 1.0, 0),  # the seeds' OPD advantage, no top-k cost on the actors
         (["loss.kl_loss=none", "loss.pg_coef=1"], "none", 1.0, 0),
         (["loss.kl_loss=k3"], "k3", 0.0, 0),
+        (["teacher.top_k=0"], "none", 1.0, 0),  # no top-k on the wire: the OPD advantage is what is left
         (["loss.kl_loss_coef=0"], "topk", 1.0, 16),  # KL weighted 0: the OPD advantage trains
         # A reward advantage keeps its policy gradient beside the KL loss (KDRL).
         (["loss.advantage=grpo", "actor.samples_per_prompt=4"], "topk", 1.0, 16),

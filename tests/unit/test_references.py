@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from asyncopd.references import cut_at_eos, fit_for_scoring, generate_with_hf
 from asyncopd.tasks.tiny import save_tiny_model
 from asyncopd.teacher.http import TeacherServer, TeacherServerError
-from asyncopd.teacher.references import cut_at_eos, fit_for_scoring, generate_with_hf, generate_with_server
+from asyncopd.teacher.references import generate_with_server
 from asyncopd.transport import codec
 from asyncopd.types import TeacherReference, TeacherReferences
 
@@ -49,7 +50,10 @@ def test_hf_references_are_seeded_and_cut_at_eos(tmp_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = [(i, tokenizer(f"{i}+{2 * i}=", add_special_tokens=False)["input_ids"]) for i in range(6)]
+    torch.manual_seed(123)
     first = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=7, max_batch_tokens=10_000)
+    # The caller's stream is untouched (learner rank 0 samples them with a colocated teacher).
+    assert torch.equal(torch.rand(4), (torch.manual_seed(123), torch.rand(4))[1])
     again = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=7, max_batch_tokens=10_000)
     other = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=8, max_batch_tokens=10_000)
     assert [r.prompt_index for r in first] == list(range(6))
