@@ -98,3 +98,29 @@ def test_a_server_without_token_ids_is_a_clear_error() -> None:
     server = TeacherServer(URL, transport=httpx.MockTransport(handler))
     with pytest.raises(TeacherServerError, match="return_token_ids"):
         generate_with_server(server, "teacher", [(0, [5])], max_new_tokens=3, seed=0, max_request_tokens=100)
+
+
+def test_a_colocated_teacher_publishes_references_the_actors_can_read(tmp_path) -> None:
+    """teacher.backend=colocated: learner rank 0 samples the references with its in-process
+    teacher and publishes them where teacher rank 0 would; actors read them the same way."""
+    import torch.distributed as dist
+
+    from asyncopd.config import from_dict
+    from asyncopd.references import publish_hf_references
+    from asyncopd.transport.discovery import Rendezvous, read_teacher_references
+
+    path = save_tiny_model(tmp_path / "teacher", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    cfg = from_dict({"teacher": {"backend": "colocated"}, "cluster": {"teachers": 0},
+                     "task": {"num_eval_prompts": 5}, "actor": {"max_new_tokens": 6}})
+    rendezvous = Rendezvous(dist.HashStore(), 0, 1, 5.0)
+    publish_hf_references(cfg, rendezvous, model, tokenizer, who="learner 0")
+    message = read_teacher_references(rendezvous)
+    assert message.skipped_reason is None
+    assert [r.prompt_index for r in message.references] == list(range(5))
+    assert all(1 <= r.response_ids.shape[0] <= 6 for r in message.references)
+
+    off = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "teacher_samples": False}})
+    publish_hf_references(off, rendezvous, model, tokenizer, who="learner 0")
+    assert read_teacher_references(rendezvous).skipped_reason == "eval.teacher_samples=false"
