@@ -26,6 +26,7 @@ import msgspec
 
 __all__ = [
     "ConfigError",
+    "DEFAULT_TOP_K",
     "MAX_TOP_K",
     "ClusterConfig",
     "ModelSpec",
@@ -42,6 +43,12 @@ __all__ = [
     "JobConfig",
     "from_dict",
 ]
+
+
+DEFAULT_TOP_K = 16
+"""teacher.top_k when unset and the objective resolves to loss.kl_loss=topk: on the demo
+the top-16 reverse KL learned as fast per step as the exact full-vocabulary KL
+(bench/results/objectives.txt), and 16 fits vLLM servers' default --max-logprobs of 20."""
 
 
 MAX_TOP_K = 256
@@ -333,8 +340,10 @@ class TeacherConfig:
     again when it crashes (out of memory, a CUDA error) or hangs past
     request_timeout_s, instead of ending the job; the batch it held is resent by the
     actors. Costs a copy of each batch through a pipe and the child's start-up."""
-    top_k: int = 0
-    """Top-k distillation width k (0 = off). With k > 0 each actor records the
+    top_k: int | None = None
+    """Top-k distillation width k (0 = off). None: DEFAULT_TOP_K (16) when the objective
+    resolves to loss.kl_loss=topk (the default with teacher ranks or a server), else 0
+    (decided once, in JobConfig). With k > 0 each actor records the
     behaviour distribution's k most likely ids per generated token (vLLM
     ``logprobs=k``; the engine's ``max_logprobs`` is raised to k), and the teacher
     returns, per response token, its own top-k ids followed by the student's ids it
@@ -395,7 +404,7 @@ class TeacherConfig:
                   f"does not exceed teacher.heartbeat_interval_s={self.heartbeat_interval_s}: every teacher would "
                   "look silent between two heartbeats",
                   "use a silence timeout of several heartbeat intervals (defaults: 30 and 2)")
-        if self.top_k > MAX_TOP_K:
+        if self.top_k is not None and self.top_k > MAX_TOP_K:
             _fail(
                 "teacher.top_k", self.top_k,
                 f"exceeds the cap of {MAX_TOP_K} (every response token would carry {2 * self.top_k} ids and "
@@ -506,8 +515,13 @@ class LossConfig:
     grpo_std_norm: bool = True
     """GRPO: divide the group-centred reward by the group's standard deviation (+1e-6);
     False = Dr. GRPO style, centring only."""
-    kl_loss: Literal["none", "k1", "k2", "k3", "topk", "full"] = "none"
-    """Direct KL loss L_kl with gradient through the student (KDRL / pure KD). On the
+    kl_loss: Literal["auto", "none", "k1", "k2", "k3", "topk", "full"] = "auto"
+    """Direct KL loss L_kl with gradient through the student (KDRL / pure KD). "auto"
+    (the default): the exact reverse KL the teacher's placement allows, the objectives
+    that learned most per sample on the demo (bench/results/objectives.txt): "full" with
+    teacher.backend=colocated, else "topk" (teacher.top_k then defaults to 16), or
+    "none" when teacher.top_k=0 is set explicitly; decided once, in JobConfig, so every
+    role sees the resolved name. On the
     sampled tokens, with d = lp - lp_teacher: "k1" = d, "k2" = d^2 / 2 (its gradient is
     the reverse KL's), "k3" = exp(-d) + d - 1 (verl low_var_kl; its gradient is the
     forward KL's). "topk": the exact reverse KL over the union of teacher and student
@@ -523,9 +537,11 @@ class LossConfig:
     as verl's low_var_kl, whose clamp is 10: a token whose teacher log-prob exceeds the
     student's by more than ~2.4 nats stops pushing. k1 and k2 are never clamped (verl
     neither), nor are the exact "topk" and "full". None = k3 unclamped."""
-    pg_coef: float = 1.0
+    pg_coef: float | None = None
     """Weight of the policy-gradient term (AReaL rl_weight); 0 = pure distillation
-    by kl_loss."""
+    by kl_loss. None: 0 when a KL loss is on (kl_loss other than "none" with
+    kl_loss_coef > 0) and advantage="opd" (pure KD), else 1 (the OPD advantage alone, or
+    a reward advantage such as GRPO, with the KL loss beside it: KDRL)."""
     kl_loss_coef: float = 1.0
     """Weight of the direct KL loss (AReaL distill_weight); unused with kl_loss="none"."""
     entropy_coef: float = 0.0
@@ -586,8 +602,18 @@ class LossConfig:
                   "needs both PPO clip bounds",
                   "set loss.ppo_clip_low and loss.ppo_clip_high (e.g. 0.2 and 0.28), or use "
                   "loss.importance_correction=tis")
-        kl_active = self.kl_loss != "none" and self.kl_loss_coef > 0
-        if self.pg_coef == 0 and not kl_active and self.entropy_coef == 0:
+        self.check_not_zero()
+
+    @property
+    def kl_active(self) -> bool:
+        """Whether the direct KL loss contributes (a resolved kl_loss other than "none")."""
+        return self.kl_loss not in ("none", "auto") and self.kl_loss_coef > 0
+
+    def check_not_zero(self) -> None:
+        """Refuse an objective that is identically zero (once pg_coef is decided)."""
+        if self.pg_coef is None or self.kl_loss == "auto":
+            return  # decided by JobConfig, which calls this again
+        if self.pg_coef == 0 and not self.kl_active and self.entropy_coef == 0:
             _fail("loss.pg_coef", self.pg_coef,
                   f"with loss.kl_loss={self.kl_loss!r}, loss.kl_loss_coef={self.kl_loss_coef} and "
                   "loss.entropy_coef=0 the loss is identically zero: nothing to train",
@@ -674,7 +700,8 @@ class EvalConfig:
     """Temperature-1 samples per held-out prompt behind eval/rkl, the Monte-Carlo
     estimate of the per-token reverse KL to the teacher (more = less noise)."""
     teacher_samples: bool = True
-    """Teacher rank 0 samples one reference answer per held-out prompt at start-up
+    """The rank holding the teacher (teacher rank 0; learner rank 0 with
+    teacher.backend=colocated) samples one reference answer per held-out prompt at start-up
     (T=1, seeded by actor.seed, up to actor.max_new_tokens); every evaluation then
     reports the student's NLL of them (eval/teacher_sample_nll) and compares the
     student's diversity with the teacher's. False: skip those measures (the collapse
@@ -745,7 +772,43 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        self._resolve_objective()
         self._check_cross_fields()
+
+    def _resolve_objective(self) -> None:
+        """Decide the objective's "unset" fields, here and nowhere else, so that every role
+        (and config.yaml in the run directory) sees concrete values: loss.kl_loss="auto" ->
+        "full" with the teacher in the learner, else "topk" ("none" if teacher.top_k=0 is
+        set); teacher.top_k=None ->
+        DEFAULT_TOP_K for "topk", else 0; loss.pg_coef=None -> 0 for pure KD (a KL loss with
+        the OPD advantage), else 1. Explicit values are kept, and checked afterwards."""
+        loss, teacher = self.loss, self.teacher
+        if loss.kl_loss == "auto":  # an explicit teacher.top_k=0 leaves remote teachers the OPD advantage alone
+            loss.kl_loss = "full" if teacher.backend == "colocated" else "none" if teacher.top_k == 0 else "topk"
+        if teacher.top_k is None:
+            teacher.top_k = DEFAULT_TOP_K if loss.kl_loss == "topk" else 0
+        if loss.pg_coef is None:
+            loss.pg_coef = 0.0 if loss.kl_active and loss.advantage == "opd" else 1.0
+        loss.check_not_zero()
+
+    @property
+    def objective(self) -> str:
+        """The resolved objective in words, for the console and summary.json."""
+        loss = self.loss
+        kl = {"full": "exact reverse KL over the full vocabulary",
+              "topk": f"reverse KL over teacher+student top-{self.teacher.top_k} plus a tail bucket",
+              "none": None}.get(loss.kl_loss, f"sampled-token {loss.kl_loss} KL")
+        pg = None
+        if loss.pg_coef:
+            pg = "OPD advantage" if loss.advantage == "opd" else f"{loss.advantage} advantage"
+            if loss.advantage != "opd" and loss.opd_penalty_coef:
+                pg += f" + {loss.opd_penalty_coef:g} x OPD penalty"
+        terms = [t for t in (f"{loss.pg_coef:g} x {pg}" if pg else None,
+                             f"{loss.kl_loss_coef:g} x {kl}" if kl and loss.kl_loss_coef else None) if t]
+        if loss.entropy_coef:
+            terms.append(f"-{loss.entropy_coef:g} x entropy")
+        settings = f"loss.kl_loss={loss.kl_loss} loss.pg_coef={loss.pg_coef:g} teacher.top_k={self.teacher.top_k}"
+        return f"{' + '.join(terms)} ({settings})"
 
     def _check_cross_fields(self) -> None:
         learner, actor, cluster = self.learner, self.actor, self.cluster
@@ -807,7 +870,8 @@ class JobConfig:
         if loss.kl_loss == "topk" and self.teacher.top_k == 0:
             _fail("loss.kl_loss", loss.kl_loss,
                   "the top-k reverse KL needs the teacher's top-k log-probs but teacher.top_k=0",
-                  "set teacher.top_k > 0 (e.g. 16), or use a sampled-token loss.kl_loss such as k3")
+                  f"set teacher.top_k > 0 (or leave it unset for {DEFAULT_TOP_K}), or use the OPD advantage "
+                  "alone: loss.kl_loss=none")
 
     def _check_teacher_placement(self) -> None:
         """Teacher ranks exist exactly when the teacher does not run in the learner, and

@@ -215,6 +215,7 @@ def _spawn_torchrun(cfg: JobConfig, argv: list[str]) -> int:
     # torchrun itself, with its stores listening on 127.0.0.1 only (see transport/loopback_store.py).
     command = [sys.executable, "-m", "asyncopd.transport.loopback_store", "--standalone", "--local-addr=127.0.0.1",
                f"--nproc-per-node={cfg.cluster.world_size}", "-m", "asyncopd.launch", *argv]
+    logger.info("objective: %s", cfg.objective)
     logger.info("starting %s", " ".join(command))
     with tempfile.TemporaryDirectory(prefix="asyncopd-status-") as status_dir:
         code = subprocess.call(command, env={**env, STATUS_DIR_ENV: status_dir})

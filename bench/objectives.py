@@ -4,13 +4,14 @@ Runs the demo task once per objective from the same student, on the same prompt
 stream, with the same batch, learning rate and number of steps:
 
 - ``opd``:  OPD as the advantage (sampled-token ``lp_teacher - lp_old``), teacher
-            ranks (the default before ``full``);
+            ranks (the default before ``loss.kl_loss=auto``);
 - ``topk``: the exact reverse KL over teacher ∪ student top-16 plus a tail bucket,
-            pure KD (``loss.pg_coef=0``), teacher ranks (what remote teachers allow);
+            pure KD (``loss.pg_coef=0``), teacher ranks (what remote teachers allow;
+            what ``loss.kl_loss=auto`` picks there, the demo's default);
 - ``full``: the exact reverse KL over the whole vocabulary, pure KD, the teacher
             inside the learner (``teacher.backend=colocated``), as TRL's
-            DistillationTrainer with ``beta=1`` (the demo's default);
-- ``opd_colocated`` (with ``--colocated-opd``): the default objective with the
+            DistillationTrainer with ``beta=1`` (what ``auto`` picks there);
+- ``opd_colocated`` (with ``--colocated-opd``): the OPD advantage with the
             teacher in the learner, to separate the objective from the data flow.
 
 Each run evaluates the held-out reverse KL (``eval/rkl``, the student's own samples

@@ -384,8 +384,8 @@ def run_actor(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: 
                              "gloo" if placement is None else placement.weight_carrier)
     rendezvous.barrier("connected")
     references = None
-    if cfg.eval.enabled:  # teacher rank 0 published them before the barrier
-        references = read_teacher_references(rendezvous, cfg.cluster.teachers).references
+    if cfg.eval.enabled:  # the rank holding the teacher published them before the barrier
+        references = read_teacher_references(rendezvous).references
     resume = msgspec.json.decode(rendezvous.lookup("resume"), type=ResumePoint)
     loop = ActorLoop(cfg, index, engine=engine, task=task, tokenizer=tokenizer, inbox=inbox, dealer=dealers,
                      stats_out=stats_out, references=references, resume=resume)

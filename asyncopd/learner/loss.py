@@ -441,6 +441,10 @@ def compute_loss(inputs: LossInputs, cfg: LossConfig, *, global_num_tokens: int,
     ``adv_mean``, ``adv_sq_mean``, ``adv_std`` (this micro-batch's). (The top-k
     overlap is a batch metric of the learner: see ``batching.topk_overlap``.)
     """
+    if cfg.kl_loss == "auto" or cfg.pg_coef is None:
+        raise ValueError(f"loss.kl_loss={cfg.kl_loss!r}, loss.pg_coef={cfg.pg_coef!r}: unresolved; JobConfig decides "
+                         "them from the teacher's placement. Fix: build the LossConfig through JobConfig, or give "
+                         "loss.kl_loss and loss.pg_coef explicitly")
     if cfg.entropy_coef > 0 and inputs.entropy is None:
         raise ValueError(f"loss.entropy_coef={cfg.entropy_coef} needs LossInputs.entropy")
     weights = aggregation_weights(inputs.mask, cfg.aggregation, global_num_tokens=global_num_tokens,

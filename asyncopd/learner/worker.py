@@ -50,6 +50,7 @@ from asyncopd.placement import Placement
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter, supersede_metrics
 from asyncopd.quality import Verdict, collapse_verdict
+from asyncopd.references import publish_hf_references
 from asyncopd.seeds import job_seeds
 from asyncopd.transport import codec
 from asyncopd.transport.discovery import Rendezvous, read_teacher_references
@@ -179,6 +180,8 @@ class Learner:
             rendezvous.publish("resume", msgspec.json.encode(ResumePoint(
                 policy_version=self.policy_version, run_start_version=self.run_start_version,
                 first_batch=first_batch, evaluated=sorted(self.evals))).decode())
+            if self.teacher is not None and cfg.eval.enabled:  # no teacher ranks: the references are ours to make
+                publish_hf_references(cfg, rendezvous, self.teacher.model, self.tokenizer, who="learner 0")
         specs = [TensorSpec(name, tuple(t.shape), self.serve_dtype)
                  for name, t in self._weights_to_send()]
         self.buckets = plan_buckets(specs, int(cfg.learner.weight_sync_bucket_mb * 2**20))
@@ -256,11 +259,11 @@ class Learner:
             "steps_superseded": sum(1 for r in superseded if "learner/loss" in r), "samples_regenerated": regenerated})
 
     def _expect_teacher_references(self) -> None:
-        """Rank 0: how many teacher samples each evaluation scores (teacher rank 0
-        published them before the roles connected)."""
+        """Rank 0: how many teacher samples each evaluation scores (the rank holding the
+        teacher published them before the roles connected)."""
         if self.index != 0 or not self.cfg.eval.enabled:
             return
-        references = read_teacher_references(self.rendezvous, self.cfg.cluster.teachers)
+        references = read_teacher_references(self.rendezvous)
         self.io.evaluation.num_references = len(references.references)
         if references.skipped_reason:
             logger.warning("evaluation without teacher samples (%s): no eval/teacher_sample_nll; the collapse "
@@ -413,6 +416,7 @@ class Learner:
         stats = self.io.buffer.stats
         verdict = self.verdict()
         summary = {
+            "objective": self.cfg.objective,
             "eval/verdict": verdict.status,
             "eval/verdict_reasons": list(verdict.reasons),
             **{f"{key}_{when}": evaluation.get(key) for key in _SUMMARY_EVAL_KEYS
@@ -486,6 +490,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
     lines = [
         f"== asyncopd run finished: {run_dir}",
+        f"   objective: {summary['objective']}",
         row("held-out accuracy", "eval/accuracy"),
         row("reverse KL / token", "eval/rkl"),
         row("NLL of teacher samples", "eval/teacher_sample_nll")

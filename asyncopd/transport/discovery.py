@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 _PREFIX = "asyncopd"
 TEACHER_REFERENCES_KEY = "eval/teacher_references"
-"""Where teacher rank 0 publishes the encoded TeacherReferences (see asyncopd/teacher/references.py)."""
+"""Where the rank holding the teacher publishes the encoded TeacherReferences (see asyncopd/references.py)."""
 
 
 class Rendezvous:
@@ -129,13 +129,10 @@ class Rendezvous:
             arrived = self.store.add(key, 0)
 
 
-def read_teacher_references(rendezvous: Rendezvous, num_teachers: int) -> TeacherReferences:
-    """The evaluation's teacher samples, which teacher rank 0 publishes before the
-    "connected" barrier (call it after that barrier). A job without teacher ranks has
-    none, and says so in ``skipped_reason``."""
-    if num_teachers == 0:
-        return TeacherReferences(policy_version=0, references=[],
-                                 skipped_reason="the job has no teacher ranks (cluster.teachers=0)")
+def read_teacher_references(rendezvous: Rendezvous) -> TeacherReferences:
+    """The evaluation's teacher samples, which the rank holding the teacher (teacher rank
+    0, or learner rank 0 with teacher.backend=colocated) publishes before the "connected"
+    barrier (call it after that barrier); when it has none, ``skipped_reason`` says why."""
     message = codec.decode(rendezvous.lookup_bytes(TEACHER_REFERENCES_KEY))
     if not isinstance(message, TeacherReferences):
         raise TypeError(f"{TEACHER_REFERENCES_KEY!r} holds a {type(message).__name__}, not TeacherReferences")

@@ -31,7 +31,7 @@ NUM_STEPS = 3
 TOKEN_BUDGET = 40
 # Rank 0 gets the long rows (3 micro-batches), rank 1 the short ones (1 micro-batch).
 LENGTHS = [(10, 20), (4, 8), (5, 20), (3, 7), (8, 12), (2, 6)]  # (prompt, response)
-LOSS_CFG = LossConfig(opd_coef=1.0, importance_correction="tis", tis_cap=1.5)
+LOSS_CFG = LossConfig(kl_loss="none", pg_coef=1.0, opd_coef=1.0, importance_correction="tis", tis_cap=1.5)
 LEARNER_CFG = LearnerConfig(lr=1e-3, max_grad_norm=0.5, micro_batch_tokens=TOKEN_BUDGET)
 MULTI_LEARNER_CFG = LearnerConfig(lr=1e-3, max_grad_norm=0.5, micro_batch_tokens=TOKEN_BUDGET, mini_batches=2,
                                   ppo_epochs=2)

@@ -54,8 +54,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def check_run(run_dir: Path, *, eta: int, steps: int, batch: int, teacher_samples: bool = True) -> dict:
-    """``teacher_samples``: whether the job has teacher ranks that sample the eval's
-    references (none with teacher.backend=colocated)."""
+    """``teacher_samples``: whether the eval has the teacher's own samples (every job's
+    teacher makes them unless eval.teacher_samples=false)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["policy_version"] == steps
     assert summary["samples_trained"] == steps * batch
@@ -95,9 +95,11 @@ def check_run(run_dir: Path, *, eta: int, steps: int, batch: int, teacher_sample
 
 def test_synchronous_fixed_lag_job_with_two_learner_ranks(tmp_path, models) -> None:
     run_dir = tmp_path / "sync"
-    result = run_job(run_dir, models, "async.max_staleness=0", "async.schedule=fixed_lag", "cluster.learners=2")
+    result = run_job(run_dir, models, "async.max_staleness=0", "async.schedule=fixed_lag", "cluster.learners=2",
+                     "loss.kl_loss=none")  # the seeds' OPD advantage, reachable by explicit setting
     assert result.returncode == 0
-    check_run(run_dir, eta=0, steps=4, batch=8)
+    summary = check_run(run_dir, eta=0, steps=4, batch=8)
+    assert summary["objective"] == "1 x OPD advantage (loss.kl_loss=none loss.pg_coef=1 teacher.top_k=0)"
     assert (run_dir / "hf" / "config.json").is_file()
 
 
@@ -107,7 +109,9 @@ def test_off_by_one_job_checkpoints_exports_and_resumes(tmp_path, models) -> Non
     run_dir = tmp_path / "async"
     result = run_job(run_dir, models, "async.max_staleness=1", "learner.checkpoint_every=2", "run.trace=true")
     assert result.returncode == 0
-    check_run(run_dir, eta=1, steps=4, batch=8)
+    summary = check_run(run_dir, eta=1, steps=4, batch=8)
+    assert summary["objective"].endswith("(loss.kl_loss=topk loss.pg_coef=0 teacher.top_k=16)")  # the default
+    assert "objective: 1 x reverse KL over teacher+student top-16" in result.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
     timeline = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
     spans = {(e["pid"], e["name"]) for e in timeline if e["ph"] == "X"}
@@ -150,12 +154,15 @@ def test_kdrl_job_with_top_k_distillation_and_grpo_groups(tmp_path, models) -> N
 def test_colocated_teacher_job_trains_on_the_full_vocabulary_kl(tmp_path, models) -> None:
     """teacher.backend=colocated: no teacher ranks, the actor ships rollouts to learner
     rank 0, each of two learner ranks holds the teacher and trains on the exact reverse
-    KL over the whole vocabulary; held-out evaluation is scored by the learner."""
+    KL over the whole vocabulary (what loss.kl_loss=auto picks here); held-out evaluation
+    is scored by the learner, and learner rank 0 samples the teacher's references."""
     run_dir = tmp_path / "colocated"
-    result = run_job(run_dir, models, "teacher.backend=colocated", "cluster.teachers=0", "loss.kl_loss=full",
-                     "loss.pg_coef=0", "cluster.learners=2")
+    result = run_job(run_dir, models, "teacher.backend=colocated", "cluster.teachers=0", "cluster.learners=2")
     assert result.returncode == 0
-    summary = check_run(run_dir, eta=1, steps=4, batch=8, teacher_samples=False)
+    summary = check_run(run_dir, eta=1, steps=4, batch=8)  # with the NLL of teacher samples
+    assert summary["objective"] == ("1 x exact reverse KL over the full vocabulary "
+                                    "(loss.kl_loss=full loss.pg_coef=0 teacher.top_k=0)")
+    assert "learner 0: sampled 8 held-out references" in result.stderr
     assert math.isfinite(summary["eval/rkl_before"]) and math.isfinite(summary["eval/rkl_after"])
     for r in (r for r in read_metrics(run_dir) if "learner/loss" in r):
         assert r["learner/kl_loss"] > 0.0 and r["learner/loss"] == pytest.approx(r["learner/kl_loss"], rel=1e-5)

@@ -58,13 +58,17 @@ def test_overrides_reach_the_typed_config() -> None:
         (["loss.advantage=reinforce_pp", "task.reward=none"], "loss.advantage='reinforce_pp'"),
         (["loss.advantage=reinforce_pp", "loss.kl_loss=k3", "task.reward=none"], "KDRL without a reward"),
         # The top-k loss needs the teacher's top-k.
-        (["loss.kl_loss=topk"], "loss.kl_loss='topk': the top-k reverse KL needs the teacher's top-k "
-                                "log-probs but teacher.top_k=0"),
+        (["loss.kl_loss=topk", "teacher.top_k=0"], "loss.kl_loss='topk': the top-k reverse KL needs the "
+                                                   "teacher's top-k log-probs but teacher.top_k=0"),
+        (["loss.kl_loss=full"], "loss.kl_loss='full': the exact reverse KL over the full vocabulary needs"),
+        (["loss.kl_loss=topk", "teacher.backend=colocated", "cluster.teachers=0"],
+         "loss.kl_loss='topk': teacher.backend=colocated computes the exact KL"),
+        (["teacher.top_k=16", "teacher.backend=colocated", "cluster.teachers=0"], "teacher.top_k=16"),
         # Decoupled PPO needs its clip.
         (["loss.importance_correction=decoupled_ppo", "loss.ppo_clip_low=null"], "loss.ppo_clip_low=None"),
         (["loss.importance_correction=decoupled_ppo", "loss.ppo_clip_high=null"], "loss.ppo_clip_high=None"),
         # A loss that is identically zero.
-        (["loss.pg_coef=0"], "nothing to train"),
+        (["loss.pg_coef=0", "loss.kl_loss=none"], "nothing to train"),
         (["loss.pg_coef=0", "loss.kl_loss=k2", "loss.kl_loss_coef=0"], "nothing to train"),
         # Ranges.
         (["loss.discount=1.5"], "loss.discount=1.5"),
@@ -264,3 +268,43 @@ def test_ranks_of_a_directly_started_world_share_one_private_key_file(tmp_path: 
     assert again == keys[0]  # a torchrun restart finds the same key
     with pytest.raises(ConfigError, match="spans 2 nodes"):  # never for a multi-node job
         job_key_for(cluster, inherited_secret=None, num_nodes=2, can_generate=False, shared_key_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kl_loss", "pg_coef", "top_k"),
+    [
+        ([], "topk", 0.0, 16),  # teacher ranks: only a top-k travels
+        (["teacher.backend=colocated", "cluster.teachers=0"], "full", 0.0, 0),  # teacher in the learner
+        (["--config-name", "colocated"], "full", 0.0, 0),
+        (["teacher.backend=vllm_http", "teacher.url=http://127.0.0.1:8000/v1"], "topk", 0.0, 16),
+        (["teacher.top_k=8"], "topk", 0.0, 8),  # an explicit width is kept
+        (["loss.kl_loss=none"], "none", 1.0, 0),  # the seeds' OPD advantage, no top-k cost on the actors
+        (["loss.kl_loss=none", "loss.pg_coef=1"], "none", 1.0, 0),
+        (["loss.kl_loss=k3"], "k3", 0.0, 0),
+        (["teacher.top_k=0"], "none", 1.0, 0),  # no top-k on the wire: the OPD advantage is what is left
+        (["loss.kl_loss_coef=0"], "topk", 1.0, 16),  # KL weighted 0: the OPD advantage trains
+        # A reward advantage keeps its policy gradient beside the KL loss (KDRL).
+        (["loss.advantage=grpo", "actor.samples_per_prompt=4"], "topk", 1.0, 16),
+        (["loss.advantage=grpo", "actor.samples_per_prompt=4", "teacher.backend=colocated", "cluster.teachers=0"],
+         "full", 1.0, 0),
+        (["loss.advantage=grpo", "actor.samples_per_prompt=4", "loss.kl_loss=none"], "none", 1.0, 0),  # plain GRPO
+        (["loss.pg_coef=0.5"], "topk", 0.5, 16),
+    ],
+)
+def test_auto_objective_resolves_once_in_the_config(overrides: list[str], kl_loss: str, pg_coef: float,
+                                                    top_k: int) -> None:
+    cfg = compose_config(overrides)
+    assert (cfg.loss.kl_loss, cfg.loss.pg_coef, cfg.teacher.top_k) == (kl_loss, pg_coef, top_k)
+    # Resolved values survive the round trip through config.yaml (each rank parses it again).
+    again = from_dict(cfg.to_dict())
+    assert (again.loss.kl_loss, again.loss.pg_coef, again.teacher.top_k) == (kl_loss, pg_coef, top_k)
+    assert f"loss.kl_loss={kl_loss} " in cfg.objective and f"teacher.top_k={top_k}" in cfg.objective
+
+
+def test_objective_names_the_resolved_loss() -> None:
+    assert compose_config([]).objective == ("1 x reverse KL over teacher+student top-16 plus a tail bucket "
+                                            "(loss.kl_loss=topk loss.pg_coef=0 teacher.top_k=16)")
+    assert compose_config(["--config-name", "colocated"]).objective.startswith(
+        "1 x exact reverse KL over the full vocabulary (loss.kl_loss=full")
+    assert compose_config(["loss.kl_loss=none"]).objective == (
+        "1 x OPD advantage (loss.kl_loss=none loss.pg_coef=1 teacher.top_k=0)")

@@ -308,7 +308,7 @@ def test_train_step_with_a_colocated_teacher_scores_for_the_opd_advantage(models
             return lp[:, :-1].gather(-1, mb.input_ids[:, 1:, None]).squeeze(-1)[mb.response_mask[:, :-1]]
         want = (picked(student) - picked(teacher.model)).mean().item()
     learner_cfg = LearnerConfig(lr=1e-3)
-    metrics = train_step(student, make_optimizer(student, learner_cfg), samples, LossConfig(), learner_cfg,
-                         teacher=teacher)
+    metrics = train_step(student, make_optimizer(student, learner_cfg), samples,
+                         LossConfig(kl_loss="none", pg_coef=1.0), learner_cfg, teacher=teacher)
     assert metrics["learner/rkl"] == pytest.approx(want, rel=1e-4)
     assert np.isfinite(metrics["learner/loss"]) and metrics["learner/kl_loss"] == 0.0

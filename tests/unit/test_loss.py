@@ -68,7 +68,7 @@ def make_inputs(seed: int, *, batch: int = 4, seq: int = 7, k: int = 3, vocab: i
 
 
 def make_cfg(**overrides: object) -> LossConfig:
-    base = dict(opd_coef=0.7, opd_penalty_coef=0.3, pg_coef=0.6, kl_loss_coef=0.4, entropy_coef=0.05,
+    base = dict(kl_loss="none", opd_coef=0.7, opd_penalty_coef=0.3, pg_coef=0.6, kl_loss_coef=0.4, entropy_coef=0.05,
                 tis_cap=1.5, is_mask_low=0.6, is_mask_high=1.6, ppo_clip_low=0.2, ppo_clip_high=0.28)
     base.update(overrides)
     return LossConfig(**base)

@@ -65,7 +65,7 @@ def test_opd_step_follows_the_teacher(correction: str, aggregation: str) -> None
     mask = torch.tensor([[False, True, True, False]])
     before = picked(model(contexts), targets)
     lp_teacher = torch.where(mask, before.detach() + torch.tensor([[0.0, 1.0, -1.0, 0.0]]), math.nan)
-    cfg = LossConfig(importance_correction=correction, aggregation=aggregation)
+    cfg = LossConfig(kl_loss="none", pg_coef=1.0, importance_correction=correction, aggregation=aggregation)
     one_step(model, on_policy_inputs(before, lp_teacher, mask), cfg, lr=0.5)
     after = picked(model(contexts), targets).detach()
     assert after[0, 1] > before[0, 1] + 1e-3
@@ -89,7 +89,7 @@ def test_opd_step_on_a_tiny_transformer() -> None:
     mask = torch.tensor([[False, False, True, True, True, False]])  # response tokens 3..5
     before = logprobs()
     lp_teacher = before.detach() + torch.tensor([[0.0, 0.0, 2.0, 0.0, -2.0, 0.0]])
-    one_step(model, on_policy_inputs(before, lp_teacher, mask), LossConfig(), lr=0.1)
+    one_step(model, on_policy_inputs(before, lp_teacher, mask), LossConfig(kl_loss="none", pg_coef=1.0), lr=0.1)
     after = logprobs().detach()
     assert after[0, 2] > before[0, 2] + 1e-4  # teacher prefers this token
     assert after[0, 4] < before[0, 4] - 1e-4  # teacher dislikes this one
@@ -107,7 +107,8 @@ def test_reward_step_raises_the_rewarded_sample(advantage: str, aggregation: str
     adv = sequence_advantages(np.array([1.0, 0.0]), np.array([0, 0]), LossConfig(advantage=advantage))
     assert adv[0] > 0 > adv[1]
     before = picked(model(contexts), targets)
-    cfg = LossConfig(advantage=advantage, aggregation=aggregation, opd_penalty_coef=1.0)
+    cfg = LossConfig(kl_loss="none", pg_coef=1.0, advantage=advantage, aggregation=aggregation,
+                     opd_penalty_coef=1.0)
     inputs = on_policy_inputs(before, before.detach(), mask, adv_base=adv.unsqueeze(1).expand(2, 3))
     one_step(model, inputs, cfg, lr=0.5)
     after = picked(model(contexts), targets).detach().sum(-1)

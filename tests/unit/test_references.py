@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from asyncopd.references import cut_at_eos, fit_for_scoring, generate_with_hf
 from asyncopd.tasks.tiny import save_tiny_model
 from asyncopd.teacher.http import TeacherServer, TeacherServerError
-from asyncopd.teacher.references import cut_at_eos, fit_for_scoring, generate_with_hf, generate_with_server
+from asyncopd.teacher.references import generate_with_server
 from asyncopd.transport import codec
 from asyncopd.types import TeacherReference, TeacherReferences
 
@@ -49,7 +50,10 @@ def test_hf_references_are_seeded_and_cut_at_eos(tmp_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     prompts = [(i, tokenizer(f"{i}+{2 * i}=", add_special_tokens=False)["input_ids"]) for i in range(6)]
+    torch.manual_seed(123)
     first = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=7, max_batch_tokens=10_000)
+    # The caller's stream is untouched (learner rank 0 samples them with a colocated teacher).
+    assert torch.equal(torch.rand(4), (torch.manual_seed(123), torch.rand(4))[1])
     again = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=7, max_batch_tokens=10_000)
     other = generate_with_hf(model, tokenizer, prompts, max_new_tokens=12, seed=8, max_batch_tokens=10_000)
     assert [r.prompt_index for r in first] == list(range(6))
@@ -94,3 +98,29 @@ def test_a_server_without_token_ids_is_a_clear_error() -> None:
     server = TeacherServer(URL, transport=httpx.MockTransport(handler))
     with pytest.raises(TeacherServerError, match="return_token_ids"):
         generate_with_server(server, "teacher", [(0, [5])], max_new_tokens=3, seed=0, max_request_tokens=100)
+
+
+def test_a_colocated_teacher_publishes_references_the_actors_can_read(tmp_path) -> None:
+    """teacher.backend=colocated: learner rank 0 samples the references with its in-process
+    teacher and publishes them where teacher rank 0 would; actors read them the same way."""
+    import torch.distributed as dist
+
+    from asyncopd.config import from_dict
+    from asyncopd.references import publish_hf_references
+    from asyncopd.transport.discovery import Rendezvous, read_teacher_references
+
+    path = save_tiny_model(tmp_path / "teacher", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    cfg = from_dict({"teacher": {"backend": "colocated"}, "cluster": {"teachers": 0},
+                     "task": {"num_eval_prompts": 5}, "actor": {"max_new_tokens": 6}})
+    rendezvous = Rendezvous(dist.HashStore(), 0, 1, 5.0)
+    publish_hf_references(cfg, rendezvous, model, tokenizer, who="learner 0")
+    message = read_teacher_references(rendezvous)
+    assert message.skipped_reason is None
+    assert [r.prompt_index for r in message.references] == list(range(5))
+    assert all(1 <= r.response_ids.shape[0] <= 6 for r in message.references)
+
+    off = from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "teacher_samples": False}})
+    publish_hf_references(off, rendezvous, model, tokenizer, who="learner 0")
+    assert read_teacher_references(rendezvous).skipped_reason == "eval.teacher_samples=false"

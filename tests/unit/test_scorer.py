@@ -140,7 +140,7 @@ def test_rollouts_that_do_not_fit_the_teacher_are_refused(model_path: Path) -> N
 
 
 def test_teacher_top_k_is_validated() -> None:
-    assert TeacherConfig().top_k == 0
+    assert TeacherConfig().top_k is None  # decided with the objective, in JobConfig
     assert TeacherConfig(top_k=MAX_TOP_K).top_k == MAX_TOP_K
     with pytest.raises(ConfigError, match=r"teacher.top_k=-1: must be >= 0"):
         TeacherConfig(top_k=-1)

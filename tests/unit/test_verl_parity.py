@@ -48,7 +48,7 @@ def test_dual_clip_matches_verl_clip_ratio_c() -> None:
     adv = [-1.0, 2.0, -1.0, -0.5, -2.0]
     lp_old = [-1.0, -2.0, -0.5, -1.5, -3.0]
     inputs = one_row([o + math.log(r) for o, r in zip(lp_old, rho)], lp_old, adv=adv)
-    cfg = LossConfig(advantage="grpo", opd_penalty_coef=0.0, importance_correction="none",
+    cfg = LossConfig(kl_loss="none", pg_coef=1.0, advantage="grpo", opd_penalty_coef=0.0, importance_correction="none",
                      ppo_clip_low=0.2, ppo_clip_high=0.28, ppo_clip_dual=3.0)
     out = compute_loss(inputs, cfg, global_num_tokens=5)
     out.loss.backward()
@@ -58,7 +58,8 @@ def test_dual_clip_matches_verl_clip_ratio_c() -> None:
     torch.testing.assert_close(inputs.lp.grad, torch.tensor([[0.0, 0.0, 0.0, 0.2, 0.0]]))
     # Without the dual clip tokens 1 and 5 give 4 and 7 instead: (4 - 2.56 + .8 + 1 + 7) / 5.
     plain = compute_loss(one_row(inputs.lp.detach()[0].tolist(), lp_old, adv=adv),
-                         LossConfig(advantage="grpo", opd_penalty_coef=0.0, importance_correction="none"),
+                         LossConfig(kl_loss="none", pg_coef=1.0, advantage="grpo", opd_penalty_coef=0.0,
+                                    importance_correction="none"),
                          global_num_tokens=5)
     assert plain.loss.item() == pytest.approx(10.24 / 5, rel=1e-6)
 
