@@ -33,10 +33,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# loss.kl_loss=none: the sampled-token OPD advantage of the OPD write-ups (the claim under
+# test) and plain GRPO, not the job's default top-k KL, so the recorded results stay comparable.
 METHODS: dict[str, list[str]] = {
-    "opd": ["loss.advantage=opd", "actor.samples_per_prompt=1"],
-    "grpo": ["loss.advantage=grpo"],
-    "grpo+opd": ["loss.advantage=grpo", "loss.opd_penalty_coef=1.0"],
+    "opd": ["loss.advantage=opd", "loss.kl_loss=none", "actor.samples_per_prompt=1"],
+    "grpo": ["loss.advantage=grpo", "loss.kl_loss=none"],
+    "grpo+opd": ["loss.advantage=grpo", "loss.kl_loss=none", "loss.opd_penalty_coef=1.0"],
 }
 
 
