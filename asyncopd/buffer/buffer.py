@@ -211,10 +211,9 @@ class StalenessBuffer(Generic[S]):
         # learner's sums over the batch would then differ in their last bits between runs.
         candidates = sorted(self._held.pop(learner_version, []), key=lambda s: s.rollout_id)
         self._dropped_slots.pop(learner_version, None)
-        for trained in [k for k in self._seen if k <= learner_version]:
-            del self._seen[trained]  # later copies of this step are late: no need to remember it
-        for trained in [k for k in self._slots if k <= learner_version]:
-            del self._slots[trained]
+        for memory in (self._seen, self._slots):  # later copies of a trained step are late anyway
+            for trained in [k for k in memory if k <= learner_version]:
+                del memory[trained]
         self._num_held -= len(candidates)
         batch: list[S] = []
         for sample in candidates:
