@@ -342,20 +342,8 @@ class VllmEngine:
         """
         start = time.perf_counter()
         items = self._checked_payload(named_tensors)
-        engine = self._engine
-        try:
-            engine.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
-        except Exception as exc:
-            # Layers may now sit on the meta device; any further step would die obscurely.
-            self._llm = None
-            self._dead_reason = f"a weight reload failed half-way ({type(exc).__name__}: {exc})"
-            raise RuntimeError(f"{self._dead_reason}; the engine is unusable. Fix: restart the actor "
-                               "and check the payload that caused it.") from exc
-        # Cached and running KV were computed by the old weights; preempt the running
-        # requests so they are re-prefilled (otherwise the reset is refused while any run).
-        if not self._engine.reset_prefix_cache(reset_running_requests=True):
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load; "
-                               "new tokens would attend to KV from the old weights.")
+        self._write_weights("weight reload", "restart the actor and check the payload that caused it",
+                            "reload_weights", kwargs={"weights_iterator": iter(items)})
         elapsed = time.perf_counter() - start
         logger.debug("loaded %d tensors in %.3f s", len(items), elapsed)
         return elapsed
@@ -380,17 +368,25 @@ class VllmEngine:
             listed = "; ".join(problems[:_MAX_LISTED_PROBLEMS])
             raise WeightPayloadError(f"weight update {update.policy_version} refused, nothing loaded: {listed}. "
                                      "Fix: learner and actors must run the same student architecture.")
-        try:
-            self._engine.collective_rpc("asyncopd_receive_weights", args=(payload,))
-        except Exception as exc:
-            self._llm = None
-            self._dead_reason = f"a weight update failed half-way ({type(exc).__name__}: {exc})"
-            raise RuntimeError(f"{self._dead_reason}; the engine is unusable. Fix: restart the actor; see "
-                               "the learner's log for its side of the transfer.") from exc
-        if not self._engine.reset_prefix_cache(reset_running_requests=True):
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update; "
-                               "new tokens would attend to KV from the old weights.")
+        self._write_weights("weight update", "restart the actor; see the learner's log for its side of the transfer",
+                            "asyncopd_receive_weights", args=(payload,))
         return time.perf_counter() - start
+
+    def _write_weights(self, what: str, fix: str, method: str, **rpc: Any) -> None:
+        """Run the worker RPC ``method`` that writes new weights into the model, then drop
+        the KV they invalidate. ``what`` and ``fix`` word the errors."""
+        try:
+            self._engine.collective_rpc(method, **rpc)
+        except Exception as exc:
+            # Layers may now sit on the meta device; any further step would die obscurely.
+            self._llm = None
+            self._dead_reason = f"a {what} failed half-way ({type(exc).__name__}: {exc})"
+            raise RuntimeError(f"{self._dead_reason}; the engine is unusable. Fix: {fix}.") from exc
+        # Cached and running KV were computed by the old weights; preempt the running
+        # requests so they are re-prefilled (otherwise the reset is refused while any run).
+        if not self._engine.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError(f"vLLM refused to reset its prefix cache after a {what}; "
+                               "new tokens would attend to KV from the old weights.")
 
     def shutdown(self) -> None:
         """Release the engine (its KV cache and vLLM's own process group). Idempotent."""

@@ -14,9 +14,9 @@ excluded:
   build costs one training run.
 
 The result lives under ``task.cache_dir`` in a directory keyed by the task
-parameters and a digest of :data:`RECIPE` (change the recipe, get a new cache). A ``filelock.FileLock`` makes concurrent callers (several ranks) build it
-once; the build writes to a temporary directory that is renamed into place, so
-a killed build never leaves a half-written cache.
+parameters and a digest of :data:`RECIPE` (change the recipe, get a new cache);
+:func:`asyncopd.tasks.model_cache.build_once` makes concurrent callers (several
+ranks) build it once and never leaves a half-written cache.
 
 ``python -m asyncopd.tasks.demo [--cache-dir D]`` builds the models if needed and
 prints their held-out greedy accuracy.
@@ -30,13 +30,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock, Timeout
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from asyncopd.config import TaskConfig
 from asyncopd.tasks import Prompt, Task
 from asyncopd.tasks.addition import AdditionTask, sample_operands
+from asyncopd.tasks.model_cache import MANIFEST, build_once, keyed_dir
 from asyncopd.tasks.tiny import save_tiny_model, tiny_config
 from asyncopd.tasks.tokenizer import build_char_tokenizer
 
@@ -68,9 +64,6 @@ logger = logging.getLogger(__name__)
 
 DEMO_CODE_VERSION = "addition-demo-v1"
 """Bump when the training code changes in a way the recipes do not capture."""
-
-_MANIFEST = "manifest.json"
-_LOCK_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,19 +114,13 @@ RECIPE = DemoRecipe()
 
 def demo_cache_dir(cfg: TaskConfig) -> Path:
     """The directory that holds (or will hold) the demo models of ``cfg``."""
-    if cfg.cache_dir is not None:
-        root = Path(cfg.cache_dir)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "asyncopd"
     key = {
         "version": DEMO_CODE_VERSION,
         "task": {"name": cfg.name, "max_digits": cfg.max_digits, "seed": cfg.seed,
                  "num_eval_prompts": cfg.num_eval_prompts},
         "recipe": dataclasses.asdict(RECIPE),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return root.expanduser() / f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}-{digest}"
+    return keyed_dir(cfg.cache_dir, f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}", key)
 
 
 def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 1) -> tuple[Path, Path]:
@@ -147,45 +134,9 @@ def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 1) -> tuple[Path, 
     """
     if cfg.name != "addition":
         raise ValueError(f"task.name={cfg.name!r} has no demo models. Fix: use task.name=addition.")
-    final = demo_cache_dir(cfg)
-    if (final / _MANIFEST).is_file():
-        return final / "teacher", final / "student"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(final) + ".lock")
-    logger.info("demo models not cached at %s; building them (or waiting for the process that is)", final)
-    try:
-        lock.acquire(timeout=_LOCK_TIMEOUT_S)
-    except Timeout as exc:
-        raise TimeoutError(
-            f"waited {_LOCK_TIMEOUT_S:.0f}s for {lock.lock_file} while another process builds the demo "
-            "models. Fix: check that process (it logs its progress), or set task.cache_dir to a "
-            "directory no other job uses."
-        ) from exc
-    try:
-        if (final / _MANIFEST).is_file():  # built by another process while we waited
-            return final / "teacher", final / "student"
-        _remove_leftovers(final)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-        try:
-            _build(cfg, tmp, num_threads=num_threads)
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
-            os.rename(tmp, final)  # atomic: readers see no cache or a whole one
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        lock.release()
+    final = build_once(demo_cache_dir(cfg), lambda out: _build(cfg, out, num_threads=num_threads),
+                       what="demo models")
     return final / "teacher", final / "student"
-
-
-def _remove_leftovers(final: Path) -> None:
-    """Delete what killed builds left behind (only called while holding the lock)."""
-    for stale in final.parent.glob(final.name + ".tmp-*"):
-        logger.warning("removing %s, left by an interrupted demo-model build", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    if final.exists():
-        logger.warning("removing %s: it has no %s, so it is not a finished build", final, _MANIFEST)
-        shutil.rmtree(final)
 
 
 def _build(cfg: TaskConfig, out: Path, *, num_threads: int) -> None:
@@ -213,7 +164,7 @@ def _build(cfg: TaskConfig, out: Path, *, num_threads: int) -> None:
         torch.set_num_threads(previous_threads)
     manifest["build_s"] = time.perf_counter() - start
     logger.info("built the demo models in %.0fs", manifest["build_s"])
-    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
 
 def _sample_problems(task: AdditionTask, rng: np.random.Generator, n: int, hard_fraction: float = 0.0

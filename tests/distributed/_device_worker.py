@@ -10,9 +10,6 @@ steps in float32, in float32 with activation checkpointing, and in bfloat16
 from __future__ import annotations
 
 import importlib.util
-import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +54,4 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format=f"[learner rank {sys.argv[1]}] %(name)s: %(message)s")
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo threads may abort at interpreter shutdown (notes/fsdp-cpu.md)
+    _fsdp_worker().run_rank(main)

@@ -105,9 +105,14 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def run_rank(main) -> None:
+    """Run ``main(RANK, WORLD_SIZE, INIT_FILE, MODEL_DIR, OUT_DIR)`` from argv, then exit at once."""
     logging.basicConfig(level=logging.INFO, format=f"[learner rank {sys.argv[1]}] %(name)s: %(message)s")
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # gloo threads may abort at interpreter shutdown (notes/fsdp-cpu.md)
+
+
+if __name__ == "__main__":
+    run_rank(main)

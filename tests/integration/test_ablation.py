@@ -5,48 +5,23 @@ fixed-lag job repeated with the same seed reproduces it."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from asyncopd.tasks.tiny import save_tiny_model
+from _jobs import run_tiny_job
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 # Short runs: 2 steps, evaluation every step on 4 prompts (2 samples each), one
 # rollout per teacher forward (see test_a_fixed_lag_job_repeats_exactly_with_its_seed).
 TINY = ["learner.num_steps=2", "task.num_eval_prompts=4", "eval.rkl_samples=2", "eval.every_steps=1",
         "async.schedule=fixed_lag", "teacher.max_batch_tokens=1", "learner.export_hf=false"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    student = save_tiny_model(root / "student", seed=1, hidden_size=64, num_layers=1)
-    teacher = save_tiny_model(root / "teacher", seed=2, hidden_size=64, num_layers=2)
-    return str(student), str(teacher)
-
-
 def launch(run_dir: Path, models: tuple[str, str], *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "asyncopd.launch", "--config-name", "tiny", f"model.student.path={models[0]}",
-               f"model.teacher.path={models[1]}", f"run.dir={run_dir}", *TINY, *overrides]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        print(stdout[-5000:], stderr[-15000:], sep="\n")
-        pytest.fail(f"the job did not finish within {timeout}s")
-    if process.returncode != 0:
-        print(stdout[-5000:], stderr[-15000:], sep="\n")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_tiny_job(run_dir, models, *TINY, *overrides, timeout=timeout)
 
 
 # Metrics that depend on timing, not on the computation.

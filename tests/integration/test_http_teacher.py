@@ -114,6 +114,24 @@ def rollouts(num: int, *, top_k: int, seed: int = 0) -> list[Rollout]:
     return result
 
 
+def assert_scores_match_hf(batch: list[Rollout], got: list, want: list, top_k: int) -> None:
+    """``got`` (a served or in-process scorer's scores of ``batch``) agrees with the HF
+    scorer's ``want``: log-probs, and with ``top_k`` the teacher's top-k (2 * top_k columns)."""
+    assert len(got) == len(batch)
+    for rollout, score, hf_score in zip(batch, got, want):
+        np.testing.assert_allclose(score.logprobs, hf_score.logprobs, atol=1e-4, rtol=0)
+        if not top_k:
+            assert score.topk_ids is None
+            continue
+        n = rollout.response_ids.shape[0]
+        assert score.topk_ids.shape == (n, 2 * top_k)
+        # The teacher's top-k: same log-probs in the same (descending) order as HF's.
+        np.testing.assert_allclose(score.topk_logprobs[:, :top_k], hf_score.topk_logprobs[:, :top_k],
+                                   atol=1e-4, rtol=0)
+        same_ids = score.topk_ids[:, :top_k] == hf_score.topk_ids[:, :top_k]
+        assert same_ids.mean() > 0.99  # ids may differ only where log-probs tie
+
+
 def teacher_config(served: Served, top_k: int) -> TeacherConfig:
     # A small token budget so that one score() call spreads over several concurrent requests.
     return TeacherConfig(backend="vllm_http", url=served.url, top_k=top_k, max_batch_tokens=200,
@@ -130,19 +148,8 @@ def test_http_scores_match_hf(served: Served, top_k: int) -> None:
     finally:
         scorer.close()
     want = HFScorer(str(served.model_path), top_k=top_k).score(batch)
-    assert len(got) == len(batch)
-    for rollout, http_score, hf_score in zip(batch, got, want):
-        np.testing.assert_allclose(http_score.logprobs, hf_score.logprobs, atol=1e-4, rtol=0)
-        if not top_k:
-            assert http_score.topk_ids is None
-            continue
-        n = rollout.response_ids.shape[0]
-        assert http_score.topk_ids.shape == (n, 2 * top_k)
-        # The teacher's top-k: same log-probs in the same (descending) order as HF's.
-        np.testing.assert_allclose(http_score.topk_logprobs[:, :top_k], hf_score.topk_logprobs[:, :top_k],
-                                   atol=1e-4, rtol=0)
-        same_ids = http_score.topk_ids[:, :top_k] == hf_score.topk_ids[:, :top_k]
-        assert same_ids.mean() > 0.99  # ids may differ only where log-probs tie
+    assert_scores_match_hf(batch, got, want, top_k)
+    for http_score in got if top_k else ():
         # The server reports nothing about the student's other ids: dropped.
         assert (http_score.topk_ids[:, top_k:] == -1).all()
 

@@ -6,47 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from _jobs import run_tiny_job
 from asyncopd.tasks.tiny import save_tiny_model
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("models")
-    student = save_tiny_model(root / "student", seed=1, hidden_size=64, num_layers=1)
-    teacher = save_tiny_model(root / "teacher", seed=2, hidden_size=64, num_layers=2)
-    return str(student), str(teacher)
-
 
 def run_job(run_dir: Path, models: tuple[str, str], *overrides: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    student, teacher = models
-    command = [sys.executable, "-m", "asyncopd.launch", "--config-name", "tiny",
-               f"model.student.path={student}", f"model.teacher.path={teacher}", f"run.dir={run_dir}", *overrides]
-    # Its own process group, so a hung job is ended with all of torchrun's ranks.
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        print(stdout[-5000:], stderr[-15000:], sep="\n")
-        pytest.fail(f"the job did not finish within {timeout}s")
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    if result.returncode != 0:
-        print(result.stdout[-5000:], result.stderr[-15000:], sep="\n")
-    return result
+    return run_tiny_job(run_dir, models, *overrides, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

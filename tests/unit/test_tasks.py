@@ -292,14 +292,14 @@ def test_supervised_batch_puts_labels_on_answer_and_eos_only(tokenizer) -> None:
 
 
 def test_interrupted_build_leftovers_are_removed(tmp_path: Path) -> None:
-    from asyncopd.tasks.demo import _remove_leftovers
+    from asyncopd.tasks.model_cache import remove_leftovers
 
     cfg = TaskConfig(cache_dir=str(tmp_path))
     final = demo_cache_dir(cfg)
     stale = final.parent / (final.name + ".tmp-abc123")
     (stale / "teacher").mkdir(parents=True)
     (final / "teacher").mkdir(parents=True)  # a final dir without manifest is not a finished build
-    _remove_leftovers(final)
+    remove_leftovers(final)
     assert not stale.exists() and not final.exists()
 
 
