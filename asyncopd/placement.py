@@ -29,16 +29,23 @@ Impossible layouts raise :class:`~asyncopd.config.ConfigError` naming the field
 and the fix. With model sizes (:func:`estimate_num_params`) the plan also checks
 that each role's share of its GPU can hold what it must (weights, optimiser).
 
-This module imports neither torch nor vLLM and does not touch ``os.environ``.
+It is also the device seam of the roles: what differs between a CPU and a GPU rank
+is decided here (:func:`rank_device`, :func:`vllm_device_args`,
+:func:`limit_gpu_memory`), so the roles branch on no device string themselves.
+
+This module imports neither torch nor vLLM at import time (only
+:func:`limit_gpu_memory`, which a role calls, imports torch) and does not touch
+``os.environ``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from asyncopd.config import ConfigError, JobConfig
 
@@ -53,7 +60,12 @@ __all__ = [
     "query_nvidia_smi",
     "estimate_num_params",
     "plan_placement",
+    "rank_device",
+    "vllm_device_args",
+    "limit_gpu_memory",
 ]
+
+logger = logging.getLogger(__name__)
 
 SHARED_BUDGET = 0.9
 """Fraction of a shared GPU handed out to the ranks on it (the rest: CUDA contexts,
@@ -109,7 +121,11 @@ class RankPlacement:
     @property
     def device(self) -> str:
         """The torch device of this rank's (first) GPU inside its process, or "cpu"."""
-        return "cuda:0" if self.device_type == "cuda" else "cpu"
+        return "cuda:0" if self.on_gpu else "cpu"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device_type == "cuda"
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -117,7 +133,7 @@ class RankPlacement:
 
     def environment(self) -> dict[str, str]:
         """What the launcher sets before importing torch: the GPUs this process may see."""
-        if self.device_type == "cpu":
+        if not self.on_gpu:
             return {}
         return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus)}
 
@@ -373,3 +389,33 @@ def _need(cfg: JobConfig, p: RankPlacement, sizes: ModelSizes) -> tuple[int | No
         return None, ""
     weights = sizes.teacher_params * _DTYPE_BYTES[cfg.model.teacher.dtype] // tp
     return weights + _HEADROOM_BYTES, f"teacher weights in {cfg.model.teacher.dtype} / {tp} GPUs + 1 GiB"
+
+
+# -- the device seam of the roles ----------------------------------------------------
+
+
+def rank_device(me: RankPlacement | None) -> str:
+    """The torch device of a rank; "cpu" without a placement."""
+    return "cpu" if me is None else me.device
+
+
+def vllm_device_args(me: RankPlacement | None, *, kv_cache_gib: float) -> dict[str, Any]:
+    """The vLLM ``EngineArgs`` that depend on the device. On GPU: tensor parallelism
+    over the rank's GPUs and the KV cache sized by its memory share; on the CPU an
+    explicit KV size (vLLM's CPU worker otherwise sizes it from the NUMA node's memory
+    and refuses to start on machines that under-report it)."""
+    if me is not None and me.on_gpu:
+        return {"tensor_parallel_size": me.tensor_parallel_size,
+                "gpu_memory_utilization": me.memory_fraction or EXCLUSIVE_ENGINE_FRACTION}
+    return {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+
+
+def limit_gpu_memory(device: str, fraction: float | None, *, role: str) -> None:
+    """Cap this process's CUDA caching allocator on ``device`` (a GPU shared with
+    other ranks) at ``fraction`` of its memory; nothing on the CPU or without a fraction."""
+    if not device.startswith("cuda") or fraction is None:
+        return
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    logger.info("%s memory capped at %.2f of %s", role, fraction, torch.cuda.get_device_name(torch.device(device)))

@@ -47,7 +47,7 @@ import torch
 
 from asyncopd.actor.weight_receiver import EXTENSION_QUALNAME
 from asyncopd.config import ActorConfig
-from asyncopd.placement import EXCLUSIVE_ENGINE_FRACTION, RankPlacement
+from asyncopd.placement import RankPlacement, vllm_device_args
 from asyncopd.transport import codec
 from asyncopd.types import WeightUpdate
 
@@ -513,10 +513,6 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
         max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         enforce_eager=cfg.enforce_eager,
-        # An explicit KV size: vLLM's CPU worker otherwise sizes it from the NUMA node's
-        # memory and refuses to start on machines that under-report it.
-        # On GPU, vLLM sizes it from gpu_memory_utilization (gpu_engine_args).
-        kv_cache_memory_bytes=None if gpu_engine_args(placement) else int(cfg.kv_cache_gib * 2**30),
         logprobs_mode="processed_logprobs",  # the distribution actually sampled
         # On CPU, never split a prompt's prefill across steps. For a partially prefilled
         # request that carries a seed, vLLM rewinds the request's generator (set_offset),
@@ -530,7 +526,8 @@ def _build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, m
         max_logprobs=max_logprobs,  # vLLM refuses logprobs=k above it (its default is 20)
         disable_log_stats=True,
         worker_extension_cls=EXTENSION_QUALNAME,  # the weight receiver, inside the worker
-        **gpu_engine_args(placement),
+        # The KV size, and on GPU tensor parallelism and the memory share.
+        **vllm_device_args(placement, kv_cache_gib=cfg.kv_cache_gib),
     )
     return LLMEngine.from_engine_args(args)
 
@@ -539,15 +536,6 @@ def max_batched_tokens(cfg: ActorConfig) -> int:
     """Tokens one engine step may process: vLLM's default (2,048), raised to hold a
     whole max_model_len sequence (a prefill is never split) and max_num_seqs decodes."""
     return max(2048, cfg.max_model_len, cfg.max_num_seqs)
-
-
-def gpu_engine_args(placement: RankPlacement | None) -> dict[str, Any]:
-    """EngineArgs overrides on GPU: tensor parallelism over the placement's GPUs and
-    the KV cache sized by its memory share (instead of actor.kv_cache_gib)."""
-    if placement is None or placement.device_type != "cuda":
-        return {}
-    return {"tensor_parallel_size": placement.tensor_parallel_size,
-            "gpu_memory_utilization": placement.memory_fraction or EXCLUSIVE_ENGINE_FRACTION}
 
 
 def _sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:

@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from asyncopd.learner.model import load_student, make_mesh, shard_model
+from asyncopd.placement import limit_gpu_memory
 
 __all__ = ["init_learner_group", "resolve_param_dtype", "build_student", "limit_memory"]
 
@@ -55,9 +56,7 @@ def init_learner_group(device: torch.device, store: dist.Store, rank: int, world
 
 def limit_memory(device: torch.device, fraction: float | None) -> None:
     """Cap this process's CUDA caching allocator (a GPU shared with engines)."""
-    if device.type == "cuda" and fraction is not None:
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-        logger.info("learner memory capped at %.2f of %s", fraction, torch.cuda.get_device_name(device))
+    limit_gpu_memory(str(device), fraction, role="learner")
 
 
 def build_student(path: str | Path, device: torch.device, param_dtype: torch.dtype, *,

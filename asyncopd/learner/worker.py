@@ -46,7 +46,7 @@ from asyncopd.learner.advantages import sequence_advantages
 from asyncopd.learner.device import build_student, init_learner_group, limit_memory, resolve_param_dtype
 from asyncopd.learner.model import iter_full_weights, model_device
 from asyncopd.learner.teacher import ColocatedTeacher
-from asyncopd.placement import Placement
+from asyncopd.placement import Placement, rank_device
 from asyncopd.learner.train import make_optimizer, train_step
 from asyncopd.metrics import MetricsWriter, supersede_metrics
 from asyncopd.quality import Verdict, collapse_verdict
@@ -134,7 +134,7 @@ class Learner:
         self.serve_dtype = cfg.model.student.dtype
         torch.manual_seed(job_seeds(cfg).learner)
         self.placement = placement
-        self.device = torch.device("cpu" if placement is None else placement.for_rank(index).device)
+        self.device = torch.device(rank_device(None if placement is None else placement.for_rank(index)))
         # fp32 master weights; compute in param_dtype (bf16 by default on GPU).
         self.model = build_student(student_path, self.device,
                                    resolve_param_dtype(cfg.learner.param_dtype, self.device),
@@ -453,7 +453,7 @@ def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path
     teacher.backend=colocated (unused otherwise); ``placement``: the job's device plan
     (None: CPU)."""
     me = None if placement is None else placement.for_rank(index)
-    device = torch.device("cpu" if me is None else me.device)
+    device = torch.device(rank_device(me))
     init_learner_group(device, dist.PrefixStore("asyncopd/learners", rendezvous.store), index, cfg.cluster.learners)
     limit_memory(device, None if me is None else me.memory_fraction)
     learner = Learner(cfg, index, rendezvous, student_path, buffer=buffer, num_eval_prompts=num_eval_prompts,

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from asyncopd.placement import EXCLUSIVE_ENGINE_FRACTION, RankPlacement
+from asyncopd.placement import RankPlacement, vllm_device_args
 from asyncopd.teacher.http import parse_prompt_logprobs
 from asyncopd.teacher.scorer import TeacherScore, check_topk_width
 from asyncopd.types import Rollout
@@ -43,15 +43,11 @@ class VllmScorer:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         start = time.perf_counter()
-        on_gpu = placement is not None and placement.device_type == "cuda"
-        device_args: dict[str, Any] = (
-            {"tensor_parallel_size": placement.tensor_parallel_size,
-             "gpu_memory_utilization": placement.memory_fraction or EXCLUSIVE_ENGINE_FRACTION}
-            if on_gpu else {"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)})
         args = EngineArgs(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                           enforce_eager=enforce_eager, max_logprobs=max(top_k, 1), disable_log_stats=True,
                           # Scoring never reuses a prefix; prompt log-probs need every position computed.
-                          enable_prefix_caching=False, **device_args)
+                          enable_prefix_caching=False,
+                          **vllm_device_args(placement, kv_cache_gib=kv_cache_gib))
         self._engine = LLMEngine.from_engine_args(args)
         self.vocab_size = int(self._engine.model_config.get_vocab_size())
         if not 0 <= top_k <= self.vocab_size:

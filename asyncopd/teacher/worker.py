@@ -27,7 +27,7 @@ import zmq
 from asyncopd import trace
 from asyncopd.config import JobConfig
 from asyncopd.teacher.references import publish_references
-from asyncopd.placement import Placement
+from asyncopd.placement import Placement, limit_gpu_memory
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
@@ -152,10 +152,8 @@ def run_teacher(cfg: JobConfig, index: int, rendezvous: Rendezvous, teacher_path
     else:
         assert teacher_path is not None, "the hf backend scores with a local model"
         device = None if me is None else me.device
-        if me is not None and me.device_type == "cuda" and me.memory_fraction is not None:
-            import torch
-
-            torch.cuda.set_per_process_memory_fraction(me.memory_fraction, 0)
+        if me is not None:
+            limit_gpu_memory(me.device, me.memory_fraction, role="teacher")
         if cfg.teacher.supervise_scorer:  # the child process runs on the CPU (a GPU scorer: not yet)
             from asyncopd.teacher.supervised import HFScorerFactory, SupervisedScorer
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from asyncopd.config import ConfigError, JobConfig, from_dict
-from asyncopd.placement import (GpuInfo, ModelSizes, estimate_num_params, parse_visible_gpus,
-                                plan_placement)
+from asyncopd.placement import (GpuInfo, ModelSizes, estimate_num_params, limit_gpu_memory, parse_visible_gpus,
+                                plan_placement, rank_device, vllm_device_args)
 
 GIB = 1 << 30
 
@@ -171,6 +171,21 @@ def test_estimate_num_params_matches_a_real_model(tmp_path) -> None:
     # Qwen2 has q/k/v biases the estimate leaves out: within 1%.
     assert abs(estimate_num_params(tmp_path) - exact) / exact < 0.01
     assert estimate_num_params(tmp_path / "missing") is None
+
+
+def test_device_seam_on_cpu_and_gpu() -> None:
+    cpu = plan_placement(_cfg(), procs_per_node=3, num_nodes=1, gpus=[]).ranks[1]
+    shared = plan_placement(_cfg(actor={"gpu_memory_utilization": 0.3}), procs_per_node=3, num_nodes=1,
+                            gpus=_gpus(1)).ranks[1]
+    tp = plan_placement(_cfg(cluster={"learners": 2, "actors": 2, "teachers": 2, "gpus_per_actor": 2},
+                             learner={"batch_size": 8}), procs_per_node=6, num_nodes=1, gpus=_gpus(8)).ranks[2]
+    assert [rank_device(None), rank_device(cpu), rank_device(shared)] == ["cpu", "cpu", "cuda:0"]
+    assert vllm_device_args(None, kv_cache_gib=0.5) == {"kv_cache_memory_bytes": GIB // 2}
+    assert vllm_device_args(cpu, kv_cache_gib=0.25) == {"kv_cache_memory_bytes": GIB // 4}
+    assert vllm_device_args(shared, kv_cache_gib=0.25) == {"tensor_parallel_size": 1, "gpu_memory_utilization": 0.3}
+    assert vllm_device_args(tp, kv_cache_gib=0.25) == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.9}
+    limit_gpu_memory("cpu", 0.5, role="learner")  # nothing to cap on the CPU (and no CUDA call)
+    limit_gpu_memory("cuda:0", None, role="learner")  # a rank alone on its GPU is not capped
 
 
 def test_placement_does_not_import_torch() -> None:
