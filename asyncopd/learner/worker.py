@@ -38,6 +38,7 @@ from asyncopd import trace
 from asyncopd.config import JobConfig, LossConfig
 from asyncopd.learner.batching import TrainSample, topk_overlap
 from asyncopd.learner.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from asyncopd.learner.summary import SUMMARY_EVAL_KEYS, eval_line, print_summary
 from asyncopd.learner.resume import (BUFFER_FILE, RESUMES_FILE, check_compatible, job_shape, record_resume,
                                      resolve_checkpoint, set_aside_checkpoints)
 from asyncopd.learner.evaluation import EvalAccumulator, EvalExample
@@ -283,7 +284,7 @@ class Learner:
         assert self.metrics is not None
         self.metrics.log(metrics, step=version)
         self.metrics.log_samples(self._decoded(self.io.evaluation.examples.pop(version, [])), step=version)
-        self.metrics.write_line(f"eval @ policy version {version}: {_eval_line(metrics)}")
+        self.metrics.write_line(f"eval @ policy version {version}: {eval_line(metrics)}")
         if verdict.status in ("collapse", "worse"):
             self.metrics.write_line(f"WARNING: eval @ policy version {version}: {verdict.describe()}")
 
@@ -419,7 +420,7 @@ class Learner:
             "objective": self.cfg.objective,
             "eval/verdict": verdict.status,
             "eval/verdict_reasons": list(verdict.reasons),
-            **{f"{key}_{when}": evaluation.get(key) for key in _SUMMARY_EVAL_KEYS
+            **{f"{key}_{when}": evaluation.get(key) for key in SUMMARY_EVAL_KEYS
                for when, evaluation in (("before", before), ("after", after))},
             "eval/teacher_distinct2": after.get("eval/teacher_distinct2"),
             "eval/teacher_repetition": after.get("eval/teacher_repetition"),
@@ -461,54 +462,8 @@ def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path
     try:
         summary = learner.run()
         if summary is not None:
-            _print_summary(summary, learner.run_dir)
+            print_summary(summary, learner.run_dir)
     finally:
         if learner.io is not None:
             learner.io.close()
         dist.destroy_process_group()
-
-
-_SUMMARY_EVAL_KEYS = ("eval/accuracy", "eval/rkl", "eval/teacher_sample_nll", "eval/forward_kl", "eval/distinct2",
-                      "eval/repetition", "eval/response_tokens", "eval/eos_rate")
-"""Eval metrics that summary.json reports before and after training (``<key>_before``, ``<key>_after``)."""
-
-
-def _eval_line(m: dict[str, Any]) -> str:
-    line = f"accuracy {m['eval/accuracy']:.3f}, reverse KL {m['eval/rkl']:.4f}, distinct-2 {m['eval/distinct2']:.3f}"
-    if "eval/teacher_sample_nll" in m:
-        line += (f" (teacher {m['eval/teacher_distinct2']:.3f}), NLL of teacher samples "
-                 f"{m['eval/teacher_sample_nll']:.4f} (teacher's own {m['eval/teacher_self_nll']:.4f})")
-    return line
-
-
-def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    def fmt(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else "n/a" if value is None else str(value)
-
-    def row(label: str, key: str) -> str:
-        return f"   {label:<24}{fmt(summary[key + '_before'])} -> {fmt(summary[key + '_after'])}"
-
-    lines = [
-        f"== asyncopd run finished: {run_dir}",
-        f"   objective: {summary['objective']}",
-        row("held-out accuracy", "eval/accuracy"),
-        row("reverse KL / token", "eval/rkl"),
-        row("NLL of teacher samples", "eval/teacher_sample_nll")
-        + f" (teacher's own {fmt(summary['eval/teacher_self_nll'])})",
-        row("distinct-2", "eval/distinct2") + f" (teacher {fmt(summary['eval/teacher_distinct2'])})",
-        row("repetition rate", "eval/repetition") + f" (teacher {fmt(summary['eval/teacher_repetition'])})",
-        f"   staleness max {summary['buffer/staleness_max']} (bound {summary['async/max_staleness']}), "
-        f"samples trained {summary['samples_trained']}, dropped stale {summary['samples_dropped_stale']}, "
-        f"wall {summary['wall_s']:.1f}s",
-    ]
-    for line in lines:
-        logger.info("%s", line)
-    verdict = Verdict(summary["eval/verdict"], tuple(summary["eval/verdict_reasons"]))
-    if verdict.status == "collapse":
-        logger.warning("   verdict: %s. Lower eval/rkl does not mean a better student here; see samples.jsonl.",
-                       verdict.describe())
-    elif verdict.status == "worse":
-        logger.warning("   verdict: %s. The student moved away from the teacher; see samples.jsonl.",
-                       verdict.describe())
-    else:
-        logger.info("   verdict: %s", verdict.describe())

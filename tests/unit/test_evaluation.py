@@ -102,16 +102,16 @@ def test_without_teacher_samples_there_is_no_nll() -> None:
 def test_the_console_summary_names_a_collapse(caplog, tmp_path) -> None:
     import logging
 
-    from asyncopd.learner.worker import _SUMMARY_EVAL_KEYS, _print_summary
+    from asyncopd.learner.summary import SUMMARY_EVAL_KEYS, print_summary
 
-    summary = {f"{key}_{when}": 0.5 for key in _SUMMARY_EVAL_KEYS for when in ("before", "after")}
+    summary = {f"{key}_{when}": 0.5 for key in SUMMARY_EVAL_KEYS for when in ("before", "after")}
     summary.update({"eval/teacher_self_nll": 0.2, "eval/teacher_distinct2": 0.9, "eval/teacher_repetition": None,
                     "buffer/staleness_max": 1, "async/max_staleness": 1, "samples_trained": 8,
                     "samples_dropped_stale": 0, "wall_s": 1.0, "eval/verdict": "collapse",
                     "objective": "1 x exact reverse KL over the full vocabulary (loss.kl_loss=full ...)",
                     "eval/verdict_reasons": ["student distinct-2 0.003 fell below 0.5 x the teacher's 0.900"]})
     with caplog.at_level(logging.INFO):
-        _print_summary(summary, tmp_path)
+        print_summary(summary, tmp_path)
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "verdict: COLLAPSE: student distinct-2 0.003" in warning.getMessage()
     assert any("repetition rate" in r.getMessage() and "(teacher n/a)" in r.getMessage() for r in caplog.records)

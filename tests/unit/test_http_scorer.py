@@ -11,12 +11,13 @@ import threading
 from collections.abc import Callable
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
 from asyncopd.config import ConfigError, TeacherConfig
 from asyncopd.tasks.tokenizer import build_char_tokenizer
-from asyncopd.teacher import http
+from asyncopd.teacher import server as teacher_server
 from asyncopd.teacher.http import (
     HttpScorer,
     TeacherServer,
@@ -133,7 +134,7 @@ def server_for(handler: Callable[[httpx.Request], httpx.Response], **kwargs) -> 
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(teacher_server, "_BACKOFF_S", 0.0)
 
 
 def reference(rollout: Rollout, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,7 +174,7 @@ def test_recorded_vllm_answer_is_parsed() -> None:
                 {"8": {"logprob": -4.897367000579834, "rank": 96, "decoded_token": "5"},
                  "7": {"logprob": -4.019965648651123, "rank": 1, "decoded_token": "4"},
                  "87": {"logprob": -4.073580265045166, "rank": 2, "decoded_token": "["}}]
-    positions = http.msgspec.json.decode(json.dumps(recorded).encode(), type=list[http.PositionLogprobs])
+    positions = msgspec.json.decode(json.dumps(recorded).encode(), type=list[teacher_server.PositionLogprobs])
     rollout = make_rollout(0, [5, 6], [7, 8])
     score = parse_prompt_logprobs(positions, rollout, top_k=2)
     np.testing.assert_allclose(score.logprobs, [-4.738306999206543, -4.897367000579834], rtol=0, atol=1e-6)
@@ -214,8 +215,8 @@ def test_scores_match_the_dense_teacher(top_k: int) -> None:
     scorer.close()
 
 
-def position(entries: dict[int, tuple[float, int]]) -> dict[int, http._Logprob]:
-    return {token: http._Logprob(logprob=lp, rank=rank) for token, (lp, rank) in entries.items()}
+def position(entries: dict[int, tuple[float, int]]) -> dict[int, teacher_server._Logprob]:
+    return {token: teacher_server._Logprob(logprob=lp, rank=rank) for token, (lp, rank) in entries.items()}
 
 
 @pytest.mark.parametrize(("positions", "expected"), [
