@@ -98,7 +98,7 @@ def compose_config(argv: list[str]) -> JobConfig:
         data = OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"{exc}. Fix: check the spelling of the override (fields are listed in "
-                          "asyncopd/config.py); use key=value for an existing field.") from None
+                          "asyncopd/config/); use key=value for an existing field.") from None
     return from_dict(data)
 
 

@@ -1,0 +1,53 @@
+"""``actor``: the vLLM engines that sample from the student.
+
+Part of :mod:`asyncopd.config` (import from there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from asyncopd.config._base import _check_fraction, _check_positive, _fail
+
+
+@dataclass(kw_only=True, slots=True)
+class ActorConfig:
+    """Sampling and engine settings of each vLLM actor."""
+
+    samples_per_prompt: int = 1
+    """Samples drawn per prompt (the GRPO group size n); OPD works with 1."""
+    max_new_tokens: int = 8
+    """Largest response length in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature. The learner trains the T=1 distribution, so values other
+    than 1 make the behaviour policy differ from the trained one (IS corrects it)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    max_num_seqs: int = 64
+    """Sequences the engine decodes at once (the continuous-batching width)."""
+    max_model_len: int = 64
+    """Longest prompt+response the engine accepts, in tokens."""
+    kv_cache_gib: float = 0.0625
+    """KV-cache memory per engine in GiB."""
+    enforce_eager: bool = True
+    """Skip torch.compile / CUDA graphs (fast start-up; right for tiny models)."""
+    seed: int = 0
+    """Base seed of the sampler; each actor offsets it by its index."""
+    gpu_memory_utilization: float | None = None
+    """On GPU: the fraction (0, 1] of each of its GPUs' memory the engine may take
+    (weights, activations, KV cache; vLLM's ``gpu_memory_utilization``); the KV cache
+    is then sized by vLLM and actor.kv_cache_gib is unused. None: 0.9 on a GPU of its
+    own, an equal share of 0.9 when roles share a GPU (asyncopd/placement.py)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("actor", self, "samples_per_prompt", "max_new_tokens", "max_num_seqs")
+        _check_fraction("actor.gpu_memory_utilization", self.gpu_memory_utilization)
+        _check_positive("actor", self, "max_model_len", "kv_cache_gib", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("actor.top_p", self.top_p, "must be in (0, 1]", "use 1.0 to disable nucleus sampling")
+        if self.max_new_tokens >= self.max_model_len:
+            _fail(
+                "actor.max_new_tokens", self.max_new_tokens,
+                f"leaves no room for a prompt within actor.max_model_len={self.max_model_len}",
+                "raise actor.max_model_len or lower actor.max_new_tokens",
+            )
