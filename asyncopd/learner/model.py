@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 # Name of the FSDP forward method attached by shard_model (runs FSDP's root hooks).
 _STATS_METHOD = "_asyncopd_token_stats"
+# A chunk's [n, vocab] logits are recomputed in backward (activation checkpointing)
+# only above this many elements (16 MiB in float32): below it, keeping them costs less
+# memory than a real model's single chunk and saves the recompute (small vocabularies).
+_CHECKPOINT_MIN_LOGITS = 1 << 22
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -164,11 +168,12 @@ def _token_stats_impl(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     k = 0 if topk_ids is None else topk_ids.shape[-1]
     flat_topk = (input_ids.new_zeros(num, 0) if topk_ids is None
                  else topk_ids[:, :-1].reshape(num, k).to(input_ids.device))  # [N, K]
+    vocab = head.weight.shape[0]
     pieces = []
     for start in range(0, num, chunk_tokens):
         args = (head, flat_hidden[start:start + chunk_tokens], flat_targets[start:start + chunk_tokens],
                 flat_topk[start:start + chunk_tokens], temperature, want_entropy, chunk_fn, start)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and min(chunk_tokens, num - start) * vocab > _CHECKPOINT_MIN_LOGITS:
             # Recompute the chunk's [n, V] logits in backward instead of keeping them all.
             pieces.append(checkpoint(_chunk_stats, *args, use_reentrant=False))
         else:
@@ -195,8 +200,9 @@ def token_stats(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *, 
     input_ids, attention_mask: [B, T] (right-padded). ``topk_ids``: int [B, T, K],
     aligned like the output (ids of candidates for token ``t + 1``), -1 for none.
     The vocabulary projection and log-softmax run over chunks of ``chunk_tokens``
-    positions (recomputed in backward under autograd), so the full ``[B*T, V]``
-    logits never exist at once. ``temperature`` divides the logits (match the
+    positions (recomputed in backward under autograd when a chunk holds more than
+    ``_CHECKPOINT_MIN_LOGITS`` logits), so the full ``[B*T, V]`` logits of a large
+    vocabulary never exist at once. ``temperature`` divides the logits (match the
     actors' sampling temperature for importance ratios). ``chunk_fn`` adds a
     statistic of each chunk's logits (:data:`ChunkFn`; e.g. the full-vocabulary
     reverse KL to an in-process teacher) as ``TokenStats.extra``. Works on plain and

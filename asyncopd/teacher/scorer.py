@@ -35,6 +35,8 @@ __all__ = ["Scorer", "TeacherScore", "HFScorer", "check_topk_width", "split_by_t
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Log-probs held at once while scoring: response positions x vocabulary, float32 (64 MiB).
+_CHUNK_LOGITS = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ def topk_union(logprobs: Tensor, k: int, student_ids: Tensor | None) -> tuple[Te
     """The top-k KL support of each row and the teacher's log-probs on it.
 
     logprobs: float [n, vocab], the teacher's log-softmax at n positions.
-    student_ids: int64 [n, k] distinct ids per row (or None: teacher ids only).
+    student_ids: int64 [n, k] distinct ids per row, -1 for none (or None: teacher ids only).
     Returns (ids int64 [n, 2k], log-probs float [n, 2k]): the teacher's top-k in
     descending order, then the student ids not among them in their own order, then
     -1 (log-prob 0).
@@ -88,7 +90,7 @@ def topk_union(logprobs: Tensor, k: int, student_ids: Tensor | None) -> tuple[Te
         fresh = torch.zeros(n, k, dtype=torch.bool, device=logprobs.device)
     else:
         in_teacher = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, teacher_ids, True)  # [n, vocab]
-        fresh = ~in_teacher.gather(1, student_ids)  # [n, k]
+        fresh = ~in_teacher.gather(1, student_ids.clamp(min=0)) & (student_ids >= 0)  # [n, k]
     # Move the fresh student ids to the front of their half, keeping their order.
     order = torch.sort((~fresh).to(torch.int8), dim=1, stable=True).indices
     fresh = fresh.gather(1, order)
@@ -130,21 +132,42 @@ class HFScorer:
             input_ids[row, : ids.size] = torch.from_numpy(ids.astype(np.int64))
             attention[row, : ids.size] = 1
         hidden = self._hidden(input_ids.to(self.device), attention.to(self.device))  # [B, T, H] (or logits)
-        results = []
-        for row, r in enumerate(rollouts):
-            start, n = r.prompt_ids.shape[0], r.response_ids.shape[0]
-            # position t predicts token t+1: response token j sits at start+j.
-            logprobs = torch.log_softmax(self._head(hidden[row, start - 1 : start - 1 + n]).float(), dim=-1)  # [n, V]
-            targets = self._tensor(r.response_ids)
-            sampled = logprobs.gather(1, targets[:, None]).squeeze(1)
-            if not self.top_k:
-                results.append(TeacherScore(logprobs=_numpy(sampled, np.float32)))
-                continue
-            student = None if r.student_topk_ids is None else self._tensor(r.student_topk_ids)
-            ids, lps = topk_union(logprobs, self.top_k, student)
-            results.append(TeacherScore(logprobs=_numpy(sampled, np.float32), topk_ids=_numpy(ids, np.int32),
-                                        topk_logprobs=_numpy(lps, np.float32)))
-        return results
+        # Every response position of the batch at once: response token j of row b is
+        # predicted at position start_b - 1 + j. One head, softmax and top-k over all of
+        # them (chunked to bound the [n, vocab] log-probs), not ~10 small ops per rollout.
+        counts = np.array([r.response_ids.shape[0] for r in rollouts])
+        rows = torch.from_numpy(np.repeat(np.arange(len(rollouts)), counts)).to(self.device)  # [N]
+        cols = torch.from_numpy(np.concatenate([np.arange(r.prompt_ids.shape[0] - 1, r.num_tokens - 1)
+                                                for r in rollouts])).to(self.device)  # [N]
+        targets = self._tensor(np.concatenate([r.response_ids for r in rollouts]))  # [N]
+        student = None
+        if self.top_k:
+            student = self._tensor(np.concatenate([
+                np.full((r.response_ids.shape[0], self.top_k), -1) if r.student_topk_ids is None
+                else r.student_topk_ids for r in rollouts]))  # [N, k], -1: no student ids (greedy samples)
+        sampled, ids, lps = [], [], []
+        chunk = max(1, _CHUNK_LOGITS // self.vocab_size)
+        for start in range(0, int(counts.sum()), chunk):
+            stop = start + chunk
+            logprobs = torch.log_softmax(self._head(hidden[rows[start:stop], cols[start:stop]]).float(), dim=-1)
+            sampled.append(logprobs.gather(1, targets[start:stop, None]).squeeze(1))  # [n]
+            if self.top_k:
+                chunk_ids, chunk_lps = topk_union(logprobs, self.top_k, student[start:stop])
+                ids.append(chunk_ids)
+                lps.append(chunk_lps)
+        if not sampled:  # no response token in the whole batch
+            return [TeacherScore(logprobs=np.zeros(0, np.float32),
+                                 topk_ids=np.zeros((0, 2 * self.top_k), np.int32) if self.top_k else None,
+                                 topk_logprobs=np.zeros((0, 2 * self.top_k), np.float32) if self.top_k else None)
+                    for _ in rollouts]
+        bounds = np.cumsum(counts)[:-1]
+        sampled_rows = np.split(_numpy(torch.cat(sampled), np.float32), bounds)
+        if not self.top_k:
+            return [TeacherScore(logprobs=row) for row in sampled_rows]
+        ids_rows = np.split(_numpy(torch.cat(ids), np.int32), bounds)
+        lps_rows = np.split(_numpy(torch.cat(lps), np.float32), bounds)
+        return [TeacherScore(logprobs=a, topk_ids=b, topk_logprobs=c) for a, b, c in zip(sampled_rows, ids_rows,
+                                                                                          lps_rows)]
 
     def _hidden(self, input_ids: Tensor, attention: Tensor) -> Tensor:
         if self._full_logits:

@@ -26,6 +26,7 @@ def _fsdp_worker():
 
 def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: Path) -> None:
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
 
     from asyncopd.learner.device import build_student
     from asyncopd.learner.model import iter_full_weights
@@ -48,6 +49,7 @@ def main(rank: int, world_size: int, init_file: str, model_dir: Path, out_dir: P
         result[name] = [train_step(model, optimizer, samples, shared.LOSS_CFG, shared.LEARNER_CFG, rank=rank,
                                    dp_size=world_size)["learner/loss"] for _ in range(NUM_STEPS)]
         result[f"{name}_master_dtype"] = next(model.parameters()).dtype
+        result[f"{name}_fsdp"] = isinstance(model, FSDPModule)
     torch.save(result, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

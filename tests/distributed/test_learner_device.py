@@ -55,6 +55,12 @@ def test_rank0_load_and_broadcast_equals_a_plain_load(ranks: list[dict]) -> None
             assert torch.equal(buffer, buffers[name]), name
 
 
+def test_several_ranks_always_use_fsdp2(ranks: list[dict]) -> None:
+    # The single-rank seam (device.needs_fsdp) leaves only a 1-rank float32 student plain.
+    for result in ranks:
+        assert result["fp32_fsdp"] and result["fp32_ckpt_fsdp"] and result["bf16_fsdp"]
+
+
 def test_activation_checkpointing_does_not_change_the_losses(ranks: list[dict]) -> None:
     for result in ranks:
         assert result["fp32_ckpt"] == pytest.approx(result["fp32"], abs=1e-6)

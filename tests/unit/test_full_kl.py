@@ -17,6 +17,7 @@ from asyncopd.config import ConfigError, LossConfig, from_dict
 from asyncopd.learner.batching import TrainSample, pack_micro_batches
 from asyncopd.learner.full_kl import MIN_TEACHER_LOGPROB, reverse_kl, teacher_chunk_fn
 from asyncopd.learner.loss import LossInputs, compute_loss
+from asyncopd.learner import model as model_module
 from asyncopd.learner.model import token_stats
 from asyncopd.learner.teacher import ColocatedTeacher, placeholder_teacher_logprobs
 from asyncopd.learner.train import make_optimizer, train_step
@@ -109,10 +110,17 @@ def _chunked(student: nn.Module, teacher: ColocatedTeacher, chunk_tokens: int) -
     (kl * torch.linspace(0.5, 1.5, 9)).sum().backward()
     grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
     assert max(rows_seen) <= chunk_tokens
+    # Checkpointed chunks run chunk_fn again in backward; small ones keep their logits.
+    recomputed = model_module._CHECKPOINT_MIN_LOGITS < min(chunk_tokens, 16) * student.config.vocab_size
+    num_chunks = -(-16 // chunk_tokens)  # 2 rows x 8 predicting positions
+    assert len(rows_seen) > num_chunks if recomputed else len(rows_seen) == num_chunks
     return kl.detach(), lp_teacher, grads
 
 
-def test_chunked_full_kl_matches_the_dense_reference_with_parameter_gradients(models: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("checkpoint_min_logits", [0, model_module._CHECKPOINT_MIN_LOGITS])
+def test_chunked_full_kl_matches_the_dense_reference_with_parameter_gradients(
+        models: tuple[Path, Path], checkpoint_min_logits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "_CHECKPOINT_MIN_LOGITS", checkpoint_min_logits)
     student_path, teacher_path = models
     student, teacher = _student(student_path), ColocatedTeacher(teacher_path)
     ids, attention, response = _batch()

@@ -123,6 +123,28 @@ def test_greedy_rollout_without_student_ids_gets_teacher_topk_only(model_path: P
     assert (score.topk_ids[:, K:] == -1).all()
 
 
+def test_one_batch_mixing_greedy_and_sampled_rollouts_scores_each_as_alone(
+        model_path: Path, reference: PreTrainedModel) -> None:
+    # The scorer handles all response positions of a batch at once; rows must not leak.
+    rng = np.random.default_rng(3)
+    rollouts = [make_rollout(rng, i, reference, kind="eval_greedy", k=None) if i % 3 == 1
+                else make_rollout(rng, i, reference) for i in range(9)]
+    scores = HFScorer(str(model_path), top_k=K).score(rollouts)
+    for r, score in zip(rollouts, scores):
+        dense = dense_logprobs(reference, r)
+        want_ids, want_lps = reference_union(dense, r.student_topk_ids, K)
+        np.testing.assert_array_equal(score.topk_ids, want_ids)
+        np.testing.assert_allclose(score.topk_logprobs, want_lps, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(score.logprobs, dense[np.arange(len(r.response_ids)), r.response_ids],
+                                   atol=1e-5, rtol=0)
+    empty = make_rollout(rng, 1, kind="eval_greedy", k=None)
+    empty = msgspec.structs.replace(empty, response_ids=np.zeros(0, np.int32),
+                                    behaviour_logprobs=np.zeros(0, np.float32),
+                                    token_policy_versions=np.zeros(0, np.int32))
+    alone = HFScorer(str(model_path), top_k=K).score([empty])[0]
+    assert alone.logprobs.shape == (0,) and alone.topk_ids.shape == (0, 2 * K)
+
+
 def test_rollouts_that_do_not_fit_the_teacher_are_refused(model_path: Path) -> None:
     rng = np.random.default_rng(3)
     scorer = HFScorer(str(model_path), top_k=K)
