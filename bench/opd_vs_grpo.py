@@ -76,7 +76,7 @@ def run(method: str, seed: int, run_dir: Path, args: argparse.Namespace, extra: 
     command = [sys.executable, "-m", "asyncopd.launch", *config, *method_overrides(method, args),
                f"learner.num_steps={args.steps}", f"eval.every_steps={args.eval_every}", f"run.seed={seed}",
                "run.wandb=disabled", "run.progress=false", "learner.export_hf=false",
-               f"run.dir={run_dir}", f"run.name=opd_vs_grpo-{method}", "learner.resume=null", *extra]
+               f"run.dir={_quoted(str(run_dir))}", f"run.name=opd_vs_grpo-{method}", "learner.resume=null", *extra]
     print("running:", " ".join(command[2:]), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "job.log"
@@ -84,6 +84,11 @@ def run(method: str, seed: int, run_dir: Path, args: argparse.Namespace, extra: 
         result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode:
         sys.exit(f"{method} seed {seed} failed (exit {result.returncode}); see {log}")
+
+
+def _quoted(value: str) -> str:
+    """``value`` as one hydra override value (run directories hold '=')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def teacher_accuracy(args: argparse.Namespace, extra: list[str]) -> float:
