@@ -204,6 +204,8 @@ def main() -> None:
                         help="loss.kl_loss of the OPD arm (none: the OPD advantage on sampled tokens)")
     parser.add_argument("--target", type=float, default=None, help="target held-out accuracy (absolute)")
     parser.add_argument("--target-frac", type=float, default=0.7, help="else target = this x teacher accuracy")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated targets of the tokens table (default: 0.5, 0.75 and 1 x the target)")
     parser.add_argument("--teacher-accuracy", type=float, default=None,
                         help="the teacher's held-out accuracy (default: the built-in teacher's, from its cache)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
@@ -243,7 +245,9 @@ def main() -> None:
     plot(curves, target, args.out / "curves.png")
 
     # The ratio depends on the target: show a few beside the chosen one.
-    targets = sorted({round(f * target, 6) for f in (0.5, 0.75, 1.0)})
+    fracs = (0.5, 0.75, 1.0)
+    targets = sorted({round(f * target, 6) for f in fracs} if args.targets is None
+                     else {float(t) for t in args.targets.split(",")} | {target})
     if teacher is not None:
         print(f"teacher held-out accuracy {teacher:.3f}")
     summaries = write_tokens(args.out, curves, methods, target, targets, command)
