@@ -261,7 +261,7 @@ def main() -> None:
         print("OPD did not reach the target in every seed: the ratio is not meaningful; raise --steps or lower the target")
     elif rl.censored:
         print(f"GRPO did not reach the target in {len(rl.values) - rl.num_reached} of {len(rl.values)} seeds "
-              f"within {args.steps} steps: the ratio is a lower bound")
+              "within its run (counted as its whole run's tokens): the ratio is a lower bound")
     ratio, low, high = token_ratio(rl, opd)
     if not math.isnan(low):
         print(f"geometric-mean ratio 95% interval [{low:.2f}, {high:.2f}]")
