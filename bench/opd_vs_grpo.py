@@ -113,6 +113,28 @@ def load_curves(path: Path) -> Curves:
     return out
 
 
+def finished_runs(out: Path, methods: list[str]) -> Curves:
+    """The curves of every finished run (one with summary.json) under ``out/method=<m>/seed=<k>/``."""
+    curves: Curves = {}
+    for method in methods:
+        dirs = sorted((out / f"method={method}").glob("seed=*"), key=lambda d: int(d.name.split("=", 1)[1]))
+        curves[method] = [read_token_curve(d) for d in dirs if (d / "summary.json").is_file()]
+    return curves
+
+
+def write_curves(out: Path, curves: Curves) -> None:
+    (out / "curves.json").write_text(json.dumps(
+        {m: [[[p.policy_version, p.tokens, p.accuracy, p.rkl] for p in r] for r in runs] for m, runs in curves.items()}))
+
+
+def report_runs(out: Path, methods: list[str]) -> None:
+    """The sweep report of the runs under ``out`` (python -m asyncopd.report), against OPD."""
+    from asyncopd.report import write_report
+
+    report = write_report(out, baseline="method=opd" if "opd" in methods else None)
+    print("\n".join(report.console_lines()))
+
+
 def plot(curves: Curves, target: float, path: Path) -> None:
     try:
         import matplotlib
@@ -201,6 +223,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=1, help="replicates per method (run.seed=0..N-1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start the replicates at this run.seed")
     parser.add_argument("--group", type=int, default=8, help="GRPO samples per prompt")
     parser.add_argument("--opd-kl-loss", default="none", choices=["none", "auto", "topk"],
                         help="loss.kl_loss of the OPD arm (none: the OPD advantage on sampled tokens)")
@@ -214,6 +237,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "opd_vs_grpo")
     parser.add_argument("--from-curves", type=Path, default=None,
                         help="re-analyse a previous study's curves.json instead of running the jobs")
+    parser.add_argument("--from-runs", action="store_true",
+                        help="re-analyse the finished runs under --out (method=*/seed=*/) instead of running jobs")
     args, extra = parser.parse_known_args()
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
@@ -229,21 +254,22 @@ def main() -> None:
         curves = load_curves(args.from_curves)
         methods = [m for m in methods if m in curves]
         args.out.mkdir(parents=True, exist_ok=True)
+    elif args.from_runs:
+        curves = finished_runs(args.out, methods)
+        methods = [m for m in methods if curves.get(m)]
+        curves = {m: curves[m] for m in methods}
+        write_curves(args.out, curves)
+        report_runs(args.out, methods)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         curves = {m: [] for m in methods}
-        for seed in range(args.seeds):  # seed-major: a study cut short still has whole seeds
+        for seed in range(args.first_seed, args.first_seed + args.seeds):  # seed-major: a cut study has whole seeds
             for method in methods:
                 run_dir = args.out / f"method={method}" / f"seed={seed}"
                 run(method, seed, run_dir, args, extra)
                 curves[method].append(read_token_curve(run_dir))
-                (args.out / "curves.json").write_text(json.dumps(
-                    {m: [[[p.policy_version, p.tokens, p.accuracy, p.rkl] for p in r] for r in runs]
-                     for m, runs in curves.items()}))
-        from asyncopd.report import write_report
-
-        report = write_report(args.out, baseline="method=opd" if "opd" in methods else None)
-        print("\n".join(report.console_lines()))
+                write_curves(args.out, curves)
+        report_runs(args.out, methods)
     plot(curves, target, args.out / "curves.png")
 
     # The ratio depends on the target: show a few beside the chosen one.
