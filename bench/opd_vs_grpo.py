@@ -175,8 +175,10 @@ def tokens_table(curves: Curves, methods: list[str], targets: list[float]) -> li
         ratio = "-"
         if "grpo" in summaries and "opd" in summaries:
             r, low, high = token_ratio(summaries["grpo"], summaries["opd"])
-            bound = ">= " if summaries["grpo"].censored else ""
-            ratio = f"{bound}{r:.2f}" + ("" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]")
+            if summaries["grpo"].censored:  # an interval of lower bounds says little: the bound alone
+                ratio = f">= {r:.2f} (GRPO censored)"
+            else:
+                ratio = f"{r:.2f}" + ("" if math.isnan(low) else f" [{low:.2f}, {high:.2f}]")
             if summaries["opd"].censored:
                 ratio += " (OPD censored: not meaningful)"
         rows.append(f"| {target:.3f} | " + " | ".join(summaries[m].text() for m in methods) + f" | {ratio} |")
@@ -291,7 +293,7 @@ def main() -> None:
         print(f"GRPO did not reach the target in {len(rl.values) - rl.num_reached} of {len(rl.values)} seeds "
               "within its run (counted as its whole run's tokens): the ratio is a lower bound")
     ratio, low, high = token_ratio(rl, opd)
-    if not math.isnan(low):
+    if not math.isnan(low) and not rl.censored and not opd.censored:
         print(f"geometric-mean ratio 95% interval [{low:.2f}, {high:.2f}]")
     print(f"opd_vs_grpo token_ratio {ratio:.2f}")
 

@@ -92,11 +92,14 @@ class TokensSummary:
         return not all(self.reached)
 
     def text(self) -> str:
-        """``"12,345 ± 678 (3/3)"``; ``">= "`` before a censored mean, ``"> "`` when no seed reached it."""
+        """``"12,345 ± 678 (3/3 reached)"``; ``">= "`` before a censored mean; ``"> "`` and no
+        interval (it would be the spread of run lengths) when no seed reached the target."""
         mean = f"{self.ci.mean:,.0f}"
+        counts = f"({self.num_reached}/{len(self.values)} reached)"
+        if self.num_reached == 0:
+            return f"> {mean} {counts}"
         body = mean if math.isnan(self.ci.half_width) else f"{mean} ± {self.ci.half_width:,.0f}"
-        prefix = "" if not self.censored else "> " if self.num_reached == 0 else ">= "
-        return f"{prefix}{body} ({self.num_reached}/{len(self.values)} reached)"
+        return f"{'>= ' if self.censored else ''}{body} {counts}"
 
 
 def summarize_tokens(curves: Sequence[Sequence[CurvePoint]], target: float, level: float = 0.95) -> TokensSummary:
