@@ -146,6 +146,8 @@ def plot(curves: Curves, target: float, path: Path) -> None:
         return
     fig, (acc_ax, rkl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for method, runs in curves.items():
+        if not runs:
+            continue
         length = min(len(r) for r in runs)  # evaluations all seeds have
         tokens = [sum(r[i].tokens for r in runs) / len(runs) for i in range(length)]
         for ax, field in ((acc_ax, "accuracy"), (rkl_ax, "rkl")):
@@ -254,7 +256,7 @@ def main() -> None:
     command = "python bench/opd_vs_grpo.py " + " ".join(sys.argv[1:])
     if args.from_curves is not None:
         curves = load_curves(args.from_curves)
-        methods = [m for m in methods if m in curves]
+        methods = [m for m in methods if curves.get(m)]
         args.out.mkdir(parents=True, exist_ok=True)
     elif args.from_runs:
         curves = finished_runs(args.out, methods)
