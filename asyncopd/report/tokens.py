@@ -53,8 +53,8 @@ def token_curve(records: Sequence[dict[str, Any]]) -> list[CurvePoint]:
     if missing:
         raise ValueError(f"evaluations at steps {missing} have no training record with batch/samples: "
                          "the metrics are incomplete (was the run cut short?)")
-    return [CurvePoint(int(r["step"]), tokens_at[r["step"]], float(r["eval/accuracy"]), float(r.get("eval/rkl", math.nan)))
-            for r in evals]
+    return [CurvePoint(int(r["step"]), tokens_at[r["step"]], float(r["eval/accuracy"]),
+                       float(r.get("eval/rkl", math.nan))) for r in evals]
 
 
 def read_token_curve(run_dir: Path) -> list[CurvePoint]:
@@ -106,7 +106,8 @@ def summarize_tokens(curves: Sequence[Sequence[CurvePoint]], target: float, leve
     """Tokens to ``target`` of each run (one curve per seed) and their mean with its t-interval."""
     hits = [tokens_to_target(points, target) for points in curves]
     values = tuple(t for t, _ in hits)
-    return TokensSummary(values=values, reached=tuple(ok for _, ok in hits), ci=mean_ci([float(v) for v in values], level))
+    return TokensSummary(values=values, reached=tuple(ok for _, ok in hits),
+                         ci=mean_ci([float(v) for v in values], level))
 
 
 def token_ratio(numerator: TokensSummary, denominator: TokensSummary, level: float = 0.95
