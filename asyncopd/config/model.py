@@ -64,9 +64,22 @@ class TaskConfig:
     (final answer checked mathematically with math-verify, for math datasets), or
     "none" for prompt-only data (JSONL answers optional, rewards NaN, so GRPO and
     KDRL objectives are refused)."""
+    student_accuracy: float | None = None
+    """task.name=addition with the built-in models only: take the demo student earlier in
+    the teacher's training run, at the first dev check (every 25 supervised steps) whose
+    greedy accuracy reaches this fraction with every answer well formed (digits, then
+    <eos>); the teacher stays the cached demo teacher. None: the demo student (the 0.5
+    snapshot, ~0.46 held-out). A low value (configs/opd_vs_grpo_sparse.yaml: 0.05) makes a
+    student whose outcome rewards are sparse; built once (~1 min) and cached beside the demo."""
 
     def __post_init__(self) -> None:
         _check_positive("task", self, "max_digits", "num_eval_prompts")
+        if self.student_accuracy is not None and self.name != "addition":
+            _fail("task.student_accuracy", self.student_accuracy, f"only the addition demo has a student to take "
+                  f"earlier, not task.name={self.name!r}", "remove task.student_accuracy (or set it to null)")
+        if self.student_accuracy is not None and not 0.0 < self.student_accuracy <= 1.0:
+            _fail("task.student_accuracy", self.student_accuracy, "is a fraction of dev problems answered right "
+                  "and must be in (0, 1]", "use e.g. 0.05 for a weak demo student, or null for the demo's")
         if self.name == "chat" and self.reward != "none":
             _fail("task.reward", self.reward, "task.name=chat has prompts without answers, so nothing to verify",
                   "set task.reward=none (or --config-name smollm2)")

@@ -13,6 +13,10 @@ excluded:
   something to fix. Same architecture, so its ceiling is the teacher's, and the
   build costs one training run.
 
+With ``task.student_accuracy`` set, the student is instead the same run frozen at that
+(lower) dev accuracy, rebuilt by re-running the run's first steps and cached on its own;
+the teacher stays the demo's.
+
 The result lives under ``task.cache_dir`` in a directory keyed by the task
 parameters and a digest of :data:`RECIPE` (change the recipe, get a new cache);
 :func:`asyncopd.tasks.model_cache.build_once` makes concurrent callers (several
@@ -120,7 +124,11 @@ def demo_cache_dir(cfg: TaskConfig) -> Path:
                  "num_eval_prompts": cfg.num_eval_prompts},
         "recipe": dataclasses.asdict(RECIPE),
     }
-    return keyed_dir(cfg.cache_dir, f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}", key)
+    weak = ""
+    if cfg.student_accuracy is not None:  # keyed only when set, so the demo's own cache keeps its name
+        key["student_accuracy"] = cfg.student_accuracy
+        weak = f"-student{cfg.student_accuracy:g}"
+    return keyed_dir(cfg.cache_dir, f"{cfg.name}-d{cfg.max_digits}-seed{cfg.seed}{weak}", key)
 
 
 def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 1) -> tuple[Path, Path]:
@@ -134,9 +142,16 @@ def ensure_demo_models(cfg: TaskConfig, *, num_threads: int = 1) -> tuple[Path, 
     """
     if cfg.name != "addition":
         raise ValueError(f"task.name={cfg.name!r} has no demo models. Fix: use task.name=addition.")
-    final = build_once(demo_cache_dir(cfg), lambda out: _build(cfg, out, num_threads=num_threads),
-                       what="demo models")
-    return final / "teacher", final / "student"
+    if cfg.student_accuracy is None:
+        final = build_once(demo_cache_dir(cfg), lambda out: _build(cfg, out, num_threads=num_threads),
+                           what="demo models")
+        return final / "teacher", final / "student"
+    # a weaker student beside the demo's own teacher
+    teacher_dir, _ = ensure_demo_models(dataclasses.replace(cfg, student_accuracy=None), num_threads=num_threads)
+    final = build_once(demo_cache_dir(cfg),
+                       lambda out: _build_weak_student(cfg, out, teacher_dir, num_threads=num_threads),
+                       what="weak demo student")
+    return teacher_dir, final / "student"
 
 
 def _build(cfg: TaskConfig, out: Path, *, num_threads: int) -> None:
@@ -164,6 +179,36 @@ def _build(cfg: TaskConfig, out: Path, *, num_threads: int) -> None:
         torch.set_num_threads(previous_threads)
     manifest["build_s"] = time.perf_counter() - start
     logger.info("built the demo models in %.0fs", manifest["build_s"])
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _build_weak_student(cfg: TaskConfig, out: Path, teacher_dir: Path, *, num_threads: int) -> None:
+    """The demo teacher's run again (same recipe and seed), stopped at the first check whose
+    dev accuracy reaches ``cfg.student_accuracy``; only that snapshot is saved. The teacher
+    stays the one in ``teacher_dir`` (the demo's cache), whose accuracy the manifest copies."""
+    assert cfg.student_accuracy is not None
+    task = AdditionTask(cfg)
+    tokenizer = build_char_tokenizer()
+    max_new_tokens = cfg.max_digits + 2
+    recipe = dataclasses.replace(RECIPE, student_accuracy=cfg.student_accuracy)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    start = time.perf_counter()
+    try:
+        _, student, student_step = _train(recipe, task, tokenizer, max_new_tokens=max_new_tokens,
+                                          stop_at_student=True)
+        accuracy = greedy_accuracy(student, tokenizer, task, task.eval_prompts(), max_new_tokens=max_new_tokens)
+        logger.info("weak demo student (step %d): held-out greedy accuracy %.3f", student_step, accuracy)
+        save_tiny_model(out / "student", model=student)
+    finally:
+        torch.set_num_threads(previous_threads)
+    teacher_manifest = json.loads((teacher_dir.parent / MANIFEST).read_text())
+    manifest = {
+        "version": DEMO_CODE_VERSION, "task": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe),
+        "student_step": student_step, "student_eval_accuracy": accuracy, "teacher_dir": str(teacher_dir),
+        "teacher_eval_accuracy": teacher_manifest["teacher_eval_accuracy"],
+        "build_s": time.perf_counter() - start,
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
 
 
@@ -208,9 +253,10 @@ def _dev_scores(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task
     return sum(correct) / len(prompts), sum(well_formed) / len(prompts)
 
 
-def _train(recipe: DemoRecipe, task: AdditionTask, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int
-           ) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, int]:
-    """Train the teacher; return (teacher, student snapshot, the snapshot's step)."""
+def _train(recipe: DemoRecipe, task: AdditionTask, tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int,
+           stop_at_student: bool = False) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM, int]:
+    """Train the teacher; return (teacher, student snapshot, the snapshot's step). With
+    ``stop_at_student`` the run stops at the snapshot (the "teacher" is then that model)."""
     torch.manual_seed(recipe.seed)
     config = tiny_config(
         hidden_size=recipe.hidden_size, num_layers=recipe.num_layers, num_heads=recipe.num_heads,
@@ -250,6 +296,8 @@ def _train(recipe: DemoRecipe, task: AdditionTask, tokenizer: PreTrainedTokenize
             if accuracy >= recipe.student_accuracy and well_formed == 1.0:
                 student, student_step = copy.deepcopy(model).eval(), step
                 logger.info("demo student = the teacher run at step %d (dev accuracy %.3f)", step, accuracy)
+                if stop_at_student:
+                    return model, student, student_step
         if step % 100 == 0:
             logger.info("demo teacher step %d/%d loss %.4f (%.0fs)", step, recipe.num_steps, loss.item(),
                         time.perf_counter() - start)
@@ -318,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-digits", type=int, default=defaults.max_digits, help="task.max_digits")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="task.seed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while building")
+    parser.add_argument("--student-accuracy", type=float, default=None, help="task.student_accuracy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TaskConfig(cache_dir=args.cache_dir, max_digits=args.max_digits, seed=args.seed)
+    cfg = TaskConfig(cache_dir=args.cache_dir, max_digits=args.max_digits, seed=args.seed,
+                     student_accuracy=args.student_accuracy)
     start = time.perf_counter()
     teacher_dir, student_dir = ensure_demo_models(cfg, num_threads=args.threads)
     print(f"demo models ready in {time.perf_counter() - start:.1f}s under {teacher_dir.parent}")

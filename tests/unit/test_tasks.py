@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyncopd.config import TaskConfig
+from asyncopd.config import ConfigError, TaskConfig
 from asyncopd.tasks import Prompt, Task, check_shard, load_task, normalize_response
 from asyncopd.tasks.addition import AdditionTask
 from asyncopd.tasks.demo import demo_cache_dir, ensure_demo_models, greedy_accuracy, greedy_responses
@@ -277,6 +277,30 @@ def test_ensure_demo_models_returns_a_finished_cache_without_building(tmp_path: 
     final.mkdir(parents=True)
     (final / "manifest.json").write_text("{}")
     assert ensure_demo_models(cfg) == (final / "teacher", final / "student")
+
+
+def test_weak_student_has_its_own_cache_and_the_demo_teacher(tmp_path: Path) -> None:
+    demo = TaskConfig(cache_dir=str(tmp_path))
+    weak = TaskConfig(cache_dir=str(tmp_path), student_accuracy=0.05)
+    # Keyed only when set: the demo's own cache keeps its name (no rebuild for anyone).
+    assert demo_cache_dir(demo).name.startswith("addition-d3-seed0-") and "student" not in demo_cache_dir(demo).name
+    assert demo_cache_dir(weak).name.startswith("addition-d3-seed0-student0.05-")
+    assert demo_cache_dir(weak) != demo_cache_dir(TaskConfig(cache_dir=str(tmp_path), student_accuracy=0.1))
+    for cfg in (demo, weak):  # two finished caches: nothing is built
+        demo_cache_dir(cfg).mkdir(parents=True)
+        (demo_cache_dir(cfg) / "manifest.json").write_text("{}")
+    assert ensure_demo_models(weak) == (demo_cache_dir(demo) / "teacher", demo_cache_dir(weak) / "student")
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.1])
+def test_student_accuracy_must_be_a_fraction(value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"task.student_accuracy.*{value}.*Fix"):
+        TaskConfig(student_accuracy=value)
+
+
+def test_student_accuracy_is_refused_for_the_chat_task() -> None:
+    with pytest.raises(ConfigError, match=r"task.student_accuracy.*'chat'"):
+        TaskConfig(name="chat", reward="none", student_accuracy=0.05)
 
 
 def test_supervised_batch_puts_labels_on_answer_and_eos_only(tokenizer) -> None:
