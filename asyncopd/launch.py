@@ -291,8 +291,12 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
                                         attempt=attempt)
     trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
     security = install_security(cfg)
-    threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
-               "teacher": cfg.cluster.teacher_threads}[role]
+    from asyncopd.threads import available_cores, rank_threads, thread_environment
+
+    procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    layout = dict(node=rank // procs_per_node, procs_per_node=procs_per_node, cores=available_cores())
+    threads = rank_threads(cfg.cluster, role, **layout)
+    os.environ.update(thread_environment(cfg.cluster, **layout))  # before torch: OpenMP reads it once
     # Quiet third-party chatter unless debugging (a user's own setting wins).
     if cfg.run.log_level != "DEBUG":
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
