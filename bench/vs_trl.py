@@ -299,6 +299,47 @@ def score_side(spec: TaskSpec, side_dir: Path, is_trl: bool, student_dir: str, t
     return curve
 
 
+def chat_quality(out: Path, student_dir: str, teacher, tokenizer, prompts: list[str],
+                 curves: dict[str, list], max_new_tokens: int) -> dict[str, dict]:
+    """bench/chat_quality.py's measures for the start and each side's last snapshot: the
+    student's NLL of the teacher's own T=1 answers (seeded), distinct-2, 4-gram repetition,
+    EOS rate, and one sample to read. Cached in ``out/quality.json``."""
+    from bench.chat_quality import diversity, nll, sample
+
+    cache = out / "quality.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    references = sample(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=0)
+    eos = tokenizer.eos_token_id
+    models = {"teacher": None, "start": None}
+    for side, curve in curves.items():
+        step = curve[-1][0]
+        path = (out / side / "snapshots" / f"step_{step}.pt" if side == "trl"
+                else out / side / "checkpoints" / f"step_{step}")
+        models[f"{side}@{step}"] = path
+    for name, path in models.items():
+        if name in results:
+            continue
+        if name == "teacher":
+            model, own = teacher, references
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = (AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval() if path is None
+                     else load_snapshot(student_dir, path))
+            own = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=1)
+        d2, rep4 = diversity(own, eos)
+        results[name] = {"nll_teacher": nll(model, tokenizer, prompts, references), "distinct2": d2, "rep4": rep4,
+                         "eos_rate": sum(bool(x) and x[-1] == eos for x in own) / len(own),
+                         "sample": tokenizer.decode(own[0], skip_special_tokens=True)[:240]}
+        cache.write_text(json.dumps(results, indent=1))
+    print(f"   quality on {len(prompts)} held-out prompts (bench/chat_quality.py measures, T=1, seeded):")
+    for name, r in results.items():
+        print(f"   {name:<14} NLL of teacher answers {r['nll_teacher']:.3f}  distinct-2 {r['distinct2']:.3f}  "
+              f"rep-4 {r['rep4']:.3f}  EOS {r['eos_rate']:.2f}  | {json.dumps(r['sample'][:120])}")
+    return results
+
+
 def time_to(curve: list[tuple[int, float, float]], target: float) -> tuple[float, float] | None:
     """(step, seconds) at which the reverse KL first reaches ``target``, interpolated; None if never."""
     for (s0, t0, r0), (s1, t1, r1) in zip(curve, curve[1:]):
@@ -366,6 +407,8 @@ def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
         print(line)
     summary = {"start": start, "targets": targets, "curves": curves, "walls": walls,
                "ratios": {f"{k[0]}/{k[1]}": v for k, v in ratios.items()}}
+    if spec.name == "real":  # a faster side must not be a worse student
+        summary["quality"] = chat_quality(out, student_dir, teacher, tokenizer, eval_prompts, curves, max_new)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     headline = ratios.get(("half", HEADLINE[spec.name]), math.nan)
     if math.isnan(headline) and spec.name == "real":  # a few real steps may not halve it: say which target
