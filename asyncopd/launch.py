@@ -277,9 +277,15 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
     role, index, rank, attempt = _rank_identity(cfg)
     # Before torch is imported: this process sees only its own GPUs.
     world_size = int(os.environ["WORLD_SIZE"])
-    placement = plan_devices(cfg, procs_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+    procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    placement = plan_devices(cfg, procs_per_node=procs_per_node,
                              num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")))
     os.environ.update(placement.for_rank(rank).environment())
+    from asyncopd.threads import available_cores, rank_threads, thread_environment
+
+    layout = dict(node=rank // procs_per_node, procs_per_node=procs_per_node, cores=available_cores())
+    threads = rank_threads(cfg.cluster, role, **layout)
+    os.environ.update(thread_environment(cfg.cluster, **layout))  # before torch: OpenMP reads it once
     _setup_logging(cfg.run.log_level, f"[{role} {index}]")
     signal.signal(signal.SIGTERM, _on_sigterm(status))
     preflight(cfg)
@@ -291,8 +297,6 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
                                         attempt=attempt)
     trace.configure(cfg.run.run_dir if cfg.run.trace else None, role, index)
     security = install_security(cfg)
-    threads = {"learner": cfg.cluster.learner_threads, "actor": cfg.cluster.actor_threads,
-               "teacher": cfg.cluster.teacher_threads}[role]
     # Quiet third-party chatter unless debugging (a user's own setting wins).
     if cfg.run.log_level != "DEBUG":
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -26,8 +26,11 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     """Address every role binds its ZeroMQ sockets to and advertises. Loopback for
     single-node jobs; set to this node's reachable address for multi-node jobs."""
-    learner_threads: int = 1
-    """torch intra-op threads per learner process."""
+    learner_threads: int | Literal["auto"] = 1
+    """torch intra-op threads per learner process. ``auto``: this node's cores (CPU
+    affinity) divided among its learner ranks, at least 1 -- for jobs whose learner is
+    the bottleneck (a colocated teacher) and leaves the actor's core idle most of the
+    step; the threads then share that core with the actor. See asyncopd/threads.py."""
     actor_threads: int = 1
     """torch/OpenMP threads for each actor's vLLM engine."""
     teacher_threads: int = 1
@@ -62,7 +65,9 @@ class ClusterConfig:
         _check_positive("cluster", self, "learners", "actors")
         _check_positive("cluster", self, "teachers", allow_zero=True)
         _check_positive("cluster", self, "gpus_per_actor", "gpus_per_teacher")
-        _check_positive("cluster", self, "learner_threads", "actor_threads", "teacher_threads")
+        _check_positive("cluster", self, "actor_threads", "teacher_threads")
+        if self.learner_threads != "auto":
+            _check_positive("cluster", self, "learner_threads")
         _check_positive("cluster", self, "startup_timeout_s")
 
     @property
