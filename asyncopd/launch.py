@@ -305,7 +305,7 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
     if role == "actor" or (role == "teacher" and cfg.teacher.backend == "vllm"):
         from asyncopd.actor.engine import engine_environment
 
-        os.environ.update(engine_environment(threads))
+        os.environ.update(engine_environment(threads, onednn_cache_capacity=cfg.actor.onednn_cache_capacity))
     import torch
     from transformers.utils import logging as hf_logging
 

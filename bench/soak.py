@@ -94,6 +94,27 @@ def slope_mb_per_h(times_s: list[float], values_mb: list[float]) -> float:
     return float(slope_per_s * 3600)
 
 
+def slope_ci_mb_per_h(times_s: list[float], values_mb: list[float]) -> tuple[float, float]:
+    """Least-squares slope (MB/h) and the half-width of its 95% interval, with a
+    Newey-West (HAC, Bartlett kernel) standard error: RSS moves in steps and plateaus,
+    so neighbouring residuals are correlated and the plain OLS interval would be too
+    narrow. Lag: floor(4 (n/100)^(2/9)), at least 1."""
+    t, y = np.asarray(times_s, dtype=float), np.asarray(values_mb, dtype=float)
+    n = len(t)
+    if n < 4:
+        return float("nan"), float("nan")
+    x = t - t.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    residual = y - y.mean() - slope * x
+    score = x * residual
+    lags = max(1, int(4 * (n / 100) ** (2 / 9)))
+    s = float((score * score).sum())
+    for lag in range(1, lags + 1):
+        s += 2 * (1 - lag / (lags + 1)) * float((score[lag:] * score[:-lag]).sum())
+    se = float(np.sqrt(max(s, 0.0)) / (x * x).sum())
+    return slope * 3600, 1.96 * se * 3600
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -147,10 +168,12 @@ def main() -> int:
         late = [(t, v) for t, v in series if t >= half_s]
         slope = slope_mb_per_h([t for t, _ in kept], [v for _, v in kept])
         slopes[rank] = slope_mb_per_h([t for t, _ in late], [v for _, v in late])
+        _, ci = slope_ci_mb_per_h([t for t, _ in late], [v for _, v in late])
         values = [v for _, v in kept] or [float("nan")]
         print(f"rank {rank} ({ROLES.get(rank, '?')}): RSS at start {series[0][1]:.0f} MB, after warm-up "
               f"{values[0]:.0f} -> {values[-1]:.0f} MB (min {min(values):.0f}, max {max(values):.0f}), "
-              f"fitted slope {slope:+.1f} MB/h after warm-up, {slopes[rank]:+.1f} MB/h over the second half")
+              f"fitted slope {slope:+.1f} MB/h after warm-up, {slopes[rank]:+.1f} +- {ci:.1f} MB/h over the second half "
+              f"(95% interval, Newey-West)")
     growing = [r for r, s in slopes.items() if not np.isfinite(s) or s > args.tolerance_mb]
     max_slope = max(slopes.values()) if slopes else float("nan")
     print(f"soak minutes {args.minutes:g} ranks {len(slopes)} max_slope_mb_per_h {max_slope:.1f} "

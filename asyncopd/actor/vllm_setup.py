@@ -62,11 +62,13 @@ class _ChunkedPrefillOffFilter(logging.Filter):
 
 logging.getLogger("vllm.engine.arg_utils").addFilter(_ChunkedPrefillOffFilter())
 
-def engine_environment(threads: int) -> dict[str, str]:
+def engine_environment(threads: int, *, onednn_cache_capacity: int | None = None) -> dict[str, str]:
     """Environment variables the launcher sets before a :class:`VllmEngine` is built.
 
-    ``threads`` is the number of compute threads of the engine (``cluster.actor_threads``).
-    On CUDA machines only the in-process switch is returned.
+    ``threads`` is the number of compute threads of the engine (``cluster.actor_threads``);
+    ``onednn_cache_capacity`` (``actor.onednn_cache_capacity``) bounds oneDNN's cache of
+    compiled GEMM kernels (None: oneDNN's default). On CUDA machines only the in-process
+    switch is returned.
     """
     if threads < 1:
         raise ValueError(f"threads={threads}: an engine needs at least one thread. Fix: pass threads >= 1.")
@@ -76,6 +78,10 @@ def engine_environment(threads: int) -> dict[str, str]:
         # executor); "nobind" says so explicitly, and the OpenMP pool size is ours.
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         env["OMP_NUM_THREADS"] = str(threads)
+        if onednn_cache_capacity is not None:
+            # vLLM's CPU linear layers compile a oneDNN kernel per token count; the cache
+            # holding them is what grew the actor's memory for tens of minutes (issue 10).
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn_cache_capacity)
     return env
 
 

@@ -40,8 +40,16 @@ class ActorConfig:
     (weights, activations, KV cache; vLLM's ``gpu_memory_utilization``); the KV cache
     is then sized by vLLM and actor.kv_cache_gib is unused. None: 0.9 on a GPU of its
     own, an equal share of 0.9 when roles share a GPU (asyncopd/placement.py)."""
+    onednn_cache_capacity: int | None = 512
+    """On CPU: compiled oneDNN GEMM kernels the engine's process keeps
+    (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), one per layer shape and token count. vLLM's
+    CPU layers meet new token counts for a long time, so with oneDNN's default (1024)
+    the cache, ~0.5 MB a kernel on the demo model, filled for tens of minutes: RSS rose
+    by several hundred MB (bench/results/soak.txt). A miss compiles a kernel (~1.5 ms).
+    None: oneDNN's default; 0: no cache (a compilation per GEMM)."""
 
     def __post_init__(self) -> None:
+        _check_positive("actor", self, "onednn_cache_capacity", allow_zero=True)
         _check_positive("actor", self, "samples_per_prompt", "max_new_tokens", "max_num_seqs")
         _check_fraction("actor.gpu_memory_utilization", self.gpu_memory_utilization)
         _check_positive("actor", self, "max_model_len", "kv_cache_gib", "temperature")
