@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from asyncopd.actor.vllm_setup import (build_engine, check_environment, describe_model, engine_environment,
+                                       fix_malloc_mmap_threshold,
                                        max_batched_tokens, sampling_params_factory)
 from asyncopd.config import ActorConfig
 from asyncopd.placement import RankPlacement
@@ -53,7 +54,8 @@ from asyncopd.types import WeightUpdate
 if TYPE_CHECKING:  # vLLM takes seconds to import; only the engine itself needs it.
     from vllm.v1.engine.llm_engine import LLMEngine
 
-__all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment", "max_batched_tokens"]
+__all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment", "fix_malloc_mmap_threshold",
+           "max_batched_tokens"]
 
 logger = logging.getLogger(__name__)
 

@@ -47,9 +47,16 @@ class ActorConfig:
     the cache, ~0.5 MB a kernel on the demo model, filled for tens of minutes: RSS rose
     by several hundred MB (bench/results/soak.txt). A miss compiles a kernel (~1.5 ms).
     None: oneDNN's default; 0: no cache (a compilation per GEMM)."""
+    malloc_mmap_threshold: int | None = 131072
+    """Bytes from which the engine process's glibc malloc serves a block by mmap (returned
+    to the OS on free), pinned: glibc's default raises the threshold as large blocks are
+    freed, after which their holes stay in the heap arena; with it the actor's RSS kept
+    rising ~80 MB/h in a 30-min soak (bench/results/soak.txt). None: glibc's own
+    adaptive threshold. Ignored where the C library is not glibc."""
 
     def __post_init__(self) -> None:
         _check_positive("actor", self, "onednn_cache_capacity", allow_zero=True)
+        _check_positive("actor", self, "malloc_mmap_threshold")
         _check_positive("actor", self, "samples_per_prompt", "max_new_tokens", "max_num_seqs")
         _check_fraction("actor.gpu_memory_utilization", self.gpu_memory_utilization)
         _check_positive("actor", self, "max_model_len", "kv_cache_gib", "temperature")
