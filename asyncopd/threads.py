@@ -8,8 +8,8 @@ Why the learner, and why all the cores: on the 2-core machine with the teacher i
 the learner (``configs/smollm2.yaml``) the learner is busy the whole step while the
 actor generates a batch in a fraction of it (trace: learner busy 0.99, actor 0.15), so
 a learner that spreads its step over both cores uses the core the actor leaves idle;
-the actor's few threads then share a core with it while they generate. Measured in
-``bench/results/smollm2.txt``. On the three-role demo the actor is busy most of the step
+the actor's few threads then share a core with it while they generate. Measured
+(``bench/results/vs_trl.txt``, idle machine): 71.8 s/step against TRL's 91.7 on SmolLM2. On the three-role demo the actor is busy most of the step
 and the default stays 1 thread per role.
 
 When the threads of a node's ranks add up to more than its cores and one rank has
