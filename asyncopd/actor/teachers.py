@@ -54,7 +54,11 @@ class TeacherPoolClient:
         self.cfg = cfg
         self.actor_index = actor_index
         self.clock = clock
-        self.pool = TeacherPool(len(self.dealers), silence_timeout_s=cfg.silence_timeout_s,
+        # A colocated teacher is the learner itself: it answers between training steps, so
+        # its silence is a step in progress (minutes on a real model), there is no other
+        # teacher to route to, and its death ends the job through the launcher anyway.
+        silence_timeout_s = float("inf") if cfg.backend == "colocated" else cfg.silence_timeout_s
+        self.pool = TeacherPool(len(self.dealers), silence_timeout_s=silence_timeout_s,
                                 heartbeat_interval_s=cfg.heartbeat_interval_s, clock=clock)
         self.unacked: dict[str, _Unacked] = {}
         self.num_retries = 0

@@ -69,7 +69,9 @@ class TeacherConfig:
     back at all, before actors mark it unhealthy: it gets no new work and its
     outstanding rollouts go to other teachers at once (counted in
     actor/teacher_failovers). It rejoins with its next answer. Must exceed the longest
-    scoring forward (one batch of max_batch_tokens)."""
+    scoring forward (one batch of max_batch_tokens). Not used with backend="colocated"
+    (the teacher is the learner, silent for whole training steps, with no peer to take
+    its work; its rollouts still have request_timeout_s)."""
     supervise_scorer: bool = False
     """backend="hf": run each teacher rank's model in a child process that is started
     again when it crashes (out of memory, a CUDA error) or hangs past

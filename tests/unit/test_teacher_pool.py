@@ -198,6 +198,19 @@ def test_a_busy_single_teacher_keeps_its_rollouts_until_their_deadline() -> None
     assert sorted(client.tick()) == ["slot1", "slot2"] and client.num_unscored == 2
 
 
+def test_a_colocated_teacher_busy_training_is_never_marked_silent() -> None:
+    """The learner's own teacher answers between steps of a minute or more: no silence
+    verdict (it logged a warning every step of the real-model job), deadlines still hold."""
+    client, dealers, clock = make_client(1, backend="colocated", request_timeout_s=900.0, max_retries=1)
+    client.send(rollout("r0"), request="slot0")
+    for _ in range(120):
+        clock.now += 1.0
+        assert client.tick() == []
+    assert client.pool.silent() == [] and client.pool.healthy() == [0]
+    clock.now += 800.0
+    assert client.tick() == [] and client.num_retries == 1  # past request_timeout_s: resent
+
+
 def test_a_failed_score_is_retried_on_the_other_teacher_then_dropped_for_resampling() -> None:
     client, dealers, clock = make_client(max_retries=1)
     client.send(rollout("r0"), request="slot0")
