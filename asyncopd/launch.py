@@ -303,11 +303,10 @@ def _run_rank(cfg: JobConfig, status: RankStatus) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if role == "actor" or (role == "teacher" and cfg.teacher.backend == "vllm"):
-        from asyncopd.actor.engine import engine_environment, fix_malloc_mmap_threshold, start_malloc_trimmer
+        from asyncopd.actor.engine import engine_environment, fix_malloc_mmap_threshold
 
         os.environ.update(engine_environment(threads, onednn_cache_capacity=cfg.actor.onednn_cache_capacity))
         fix_malloc_mmap_threshold(cfg.actor.malloc_mmap_threshold)
-        start_malloc_trimmer(cfg.actor.malloc_trim_every_s)  # a daemon thread, for the process's life
     import torch
     from transformers.utils import logging as hf_logging
 

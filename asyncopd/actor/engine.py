@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from asyncopd.actor.vllm_setup import (build_engine, check_environment, describe_model, engine_environment,
-                                       fix_malloc_mmap_threshold, max_batched_tokens, sampling_params_factory,
-                                       start_malloc_trimmer)
+                                       fix_malloc_mmap_threshold,
+                                       max_batched_tokens, sampling_params_factory)
 from asyncopd.config import ActorConfig
 from asyncopd.placement import RankPlacement
 from asyncopd.transport import codec
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # vLLM takes seconds to import; only the engine itself needs 
     from vllm.v1.engine.llm_engine import LLMEngine
 
 __all__ = ["Completion", "VllmEngine", "WeightPayloadError", "engine_environment", "fix_malloc_mmap_threshold",
-           "max_batched_tokens", "start_malloc_trimmer"]
+           "max_batched_tokens"]
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ launcher sets (:func:`engine_environment`), the checks of this process
 device-dependent ones come from :func:`asyncopd.placement.vllm_device_args`), the
 model's parameter shapes read from its config (:func:`describe_model`) and the
 ``SamplingParams`` of every request (:func:`sampling_params_factory`). It also
-silences two vLLM log records that would bury the console. The glibc malloc settings
-of the engine's process live in :mod:`asyncopd.actor.malloc` (re-exported here).
+silences two vLLM log records that would bury the console.
 
 On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
 vLLM would rewind a split request's seeded generator, which CPU generators cannot
@@ -19,13 +18,14 @@ This module does not touch ``os.environ`` (it reads it) and holds no engine stat
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asyncopd.actor.malloc import fix_malloc_mmap_threshold, start_malloc_trimmer
 from asyncopd.actor.weight_receiver import EXTENSION_QUALNAME
 from asyncopd.config import ActorConfig
 from asyncopd.placement import RankPlacement, vllm_device_args
@@ -33,8 +33,8 @@ from asyncopd.placement import RankPlacement, vllm_device_args
 if TYPE_CHECKING:  # vLLM takes seconds to import; only build_engine needs it.
     from vllm.v1.engine.llm_engine import LLMEngine
 
-__all__ = ["build_engine", "check_environment", "describe_model", "engine_environment", "fix_malloc_mmap_threshold",
-           "max_batched_tokens", "sampling_params_factory", "start_malloc_trimmer"]
+__all__ = ["build_engine", "check_environment", "describe_model", "engine_environment", "fix_malloc_mmap_threshold", "max_batched_tokens",
+           "sampling_params_factory"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,31 @@ def engine_environment(threads: int, *, onednn_cache_capacity: int | None = None
             # holding them is what grew the actor's memory for tens of minutes (issue 10).
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn_cache_capacity)
     return env
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_malloc_mmap_threshold(threshold: int | None) -> bool:
+    """Pin glibc's mmap threshold at ``threshold`` bytes (``actor.malloc_mmap_threshold``).
+
+    glibc starts it at 128 KiB and raises it, up to 32 MiB, each time a large mmapped
+    block is freed; from then on blocks of that size come from the heap arena, and the
+    engine's varying kernel and activation buffers leave it holes that are never given
+    back: the actor's RSS rose ~80 MB/h as free space inside the arena
+    (bench/results/soak.txt). A pinned threshold keeps large blocks mmapped (returned on
+    free). Returns whether it was applied: None, or a C library without ``mallopt``
+    (not glibc), leaves malloc as it is.
+    """
+    if threshold is None:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.info("actor.malloc_mmap_threshold=%d ignored: this C library has no mallopt", threshold)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def check_environment(cfg: ActorConfig, head_dim: int) -> None:

@@ -53,18 +53,10 @@ class ActorConfig:
     freed, after which their holes stay in the heap arena; with it the actor's RSS kept
     rising ~80 MB/h in a 30-min soak (bench/results/soak.txt). None: glibc's own
     adaptive threshold. Ignored where the C library is not glibc."""
-    malloc_trim_every_s: float | None = 30.0
-    """Seconds between calls of glibc's ``malloc_trim(0)`` in the engine process (a
-    daemon thread): it gives the whole pages of every free chunk inside the heap arena
-    back to the OS. With the pinned mmap threshold alone, that free space still grew
-    the actor's RSS ~+56 MB/h in a 30-min soak (bench/results/soak.txt). A call took
-    a few ms, during which the engine's mallocs wait; the pages it gives back are
-    faulted in again when reused. None: never trim. Ignored where the C library is
-    not glibc."""
 
     def __post_init__(self) -> None:
         _check_positive("actor", self, "onednn_cache_capacity", allow_zero=True)
-        _check_positive("actor", self, "malloc_mmap_threshold", "malloc_trim_every_s")
+        _check_positive("actor", self, "malloc_mmap_threshold")
         _check_positive("actor", self, "samples_per_prompt", "max_new_tokens", "max_num_seqs")
         _check_fraction("actor.gpu_memory_utilization", self.gpu_memory_utilization)
         _check_positive("actor", self, "max_model_len", "kv_cache_gib", "temperature")
