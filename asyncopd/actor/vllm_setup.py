@@ -214,7 +214,10 @@ def sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
             prompt_logprobs=prompt_logprobs,  # scoring requests: the log-prob of every prompt token
             flat_logprobs=True,  # flat lists instead of one dict of Logprob objects per token
             detokenize=False,
-            output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
+            # A request reports once, when it finished, with all its tokens, log-probs and
+            # weight-version spans: no output objects (nor log-prob slices) for the requests
+            # still running at every step (per-request Python on every engine step).
+            output_kind=RequestOutputKind.FINAL_ONLY,
             # One fresh object per request, never reused: vLLM may then skip its deep copy,
             # which was 40% of the cost of adding a request.
             skip_clone=True,
