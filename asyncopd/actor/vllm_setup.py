@@ -165,6 +165,8 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
     from vllm.v1.engine.llm_engine import LLMEngine
 
     on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        _choose_cpu_gemm(cfg.cpu_gemm)
     args = EngineArgs(
         model=model_path,
         dtype=dtype,
@@ -189,6 +191,18 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
         **vllm_device_args(placement, kv_cache_gib=cfg.kv_cache_gib),
     )
     return LLMEngine.from_engine_args(args)
+
+
+def _choose_cpu_gemm(kind: str) -> None:
+    """actor.cpu_gemm: ``plain`` makes vLLM's CPU linear layers skip the oneDNN handle
+    (its dispatch then keeps the weight and calls torch's ``linear``); ``packed`` restores
+    vLLM's own choice. vLLM decides per layer, at load and at every weight reload, from
+    this module flag of its ops, so the choice holds for the whole process."""
+    from vllm import _custom_ops as ops
+
+    if not hasattr(ops, "_asyncopd_supports_onednn"):
+        ops._asyncopd_supports_onednn = ops._supports_onednn  # what this build offers
+    ops._supports_onednn = ops._asyncopd_supports_onednn and kind == "packed"
 
 
 def max_batched_tokens(cfg: ActorConfig) -> int:
