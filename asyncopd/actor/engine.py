@@ -6,7 +6,10 @@ actor loop decides what happens between two engine steps: which prompts are admi
 weights are applied (:meth:`VllmEngine.load_weights`). Every generated token comes
 back with its behaviour log-prob (the log-prob under the distribution actually
 sampled: temperature and top-p applied, vLLM's ``processed_logprobs``) and the
-``policy_version`` of the step that produced it. With ``top_k > 0`` (teacher.top_k)
+``policy_version`` of the step that produced it (vLLM labels each token with the
+engine's weight version, set by :meth:`VllmEngine.step`; a request is reported once,
+when it finishes, ``RequestOutputKind.FINAL_ONLY``, so no per-step output objects are
+built for the requests still running). With ``top_k > 0`` (teacher.top_k)
 sampled requests also return the k most likely ids of that distribution at every
 position (vLLM ``logprobs=k``), for top-k distillation. :meth:`VllmEngine.add_scoring`
 scores a given response instead of sampling one (teacher-forced, vLLM
@@ -37,12 +40,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from asyncopd.actor.completions import Completion, PendingRequest
 from asyncopd.actor.vllm_setup import (build_engine, check_environment, describe_model, engine_environment,
                                        fix_malloc_mmap_threshold,
                                        max_batched_tokens, sampling_params_factory)
@@ -68,91 +70,11 @@ class WeightPayloadError(ValueError):
     """A weight payload that cannot be loaded; nothing was loaded and the engine is intact."""
 
 
-@dataclass(slots=True)
-class Completion:
-    """One finished request. All arrays share the length of ``token_ids``."""
+def _tokens_input(prompt_ids: list[int]) -> Any:
+    """The engine's input for a tokenized prompt."""
+    from vllm.inputs import TokensPrompt
 
-    request_id: str
-    token_ids: np.ndarray
-    """int32 [n]: the generated tokens, the final EOS included when finish_reason is "stop"."""
-    logprobs: np.ndarray
-    """float32 [n]: behaviour log-prob of each token under the distribution it was sampled from."""
-    token_policy_versions: np.ndarray
-    """int32 [n]: the policy_version of the weights that produced each token."""
-    finish_reason: str
-    """"stop" (EOS sampled), "length" (max_new_tokens reached) or "abort"."""
-    topk_ids: np.ndarray | None = None
-    """int32 [n, k]: the k most likely ids of the sampling distribution at each position,
-    most likely first; None when the engine's top_k is 0 and for greedy requests."""
-
-
-@dataclass(slots=True)
-class _Pending:
-    top_k: int
-    """Top-k ids recorded per token (0: none)."""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    policy_versions: list[int] = field(default_factory=list)
-    topk_ids: list[list[int]] = field(default_factory=list)
-    scored: tuple[int, list[int]] | None = None
-    """Scoring requests: (prompt length, prompt + response ids)."""
-    prompt_logprobs: list[float] = field(default_factory=list)
-    """Scoring requests: the log-prob of prompt+response token p (p >= 1), at index p - 1."""
-
-    def take_prompt_logprobs(self, flat: Any, request_id: str) -> None:
-        """Record vLLM's ``FlatLogprobs`` of the prompt positions (the first one is empty)."""
-        assert self.scored is not None
-        all_ids = self.scored[1]
-        for position in range(len(flat)):
-            start, end = flat.start_indices[position], flat.end_indices[position]
-            if start == end:
-                continue
-            index = len(self.prompt_logprobs) + 1
-            if flat.token_ids[start] != all_ids[index]:
-                raise RuntimeError(f"vLLM's prompt log-probs for {request_id!r} name token {flat.token_ids[start]} "
-                                   f"at position {index}, where the scored sequence holds {all_ids[index]}.")
-            self.prompt_logprobs.append(flat.logprobs[start])
-
-    def extend(self, new_ids: Sequence[int], flat: Any, request_id: str) -> None:
-        """Record one step's tokens from vLLM's ``FlatLogprobs`` of those positions.
-
-        Each position holds the sampled token first (its rank may be anything), then the
-        top-k ids with ranks 1..k, most likely first; checked, so that a change of that
-        layout fails here instead of feeding wrong ids to the teacher.
-        """
-        k, ranks = self.top_k, list(range(1, self.top_k + 1))
-        for position, token_id in enumerate(new_ids):
-            start, end = flat.start_indices[position], flat.end_indices[position]
-            if flat.token_ids[start] != token_id or flat.ranks[start + 1 : end] != ranks:
-                raise RuntimeError(
-                    f"vLLM's log-probs for {request_id!r} do not hold the sampled token {token_id} followed by "
-                    f"ranks 1..{k} (got ids {flat.token_ids[start:end]}, ranks {flat.ranks[start:end]}); "
-                    f"SamplingParams(logprobs={k}, flat_logprobs=True) was not honoured.")
-            self.logprobs.append(flat.logprobs[start])
-            if k:
-                self.topk_ids.append(flat.token_ids[start + 1 : end])
-        self.token_ids.extend(new_ids)
-
-    def complete(self, request_id: str, finish_reason: str) -> Completion:
-        if self.scored is not None:
-            prompt_len, all_ids = self.scored
-            response = all_ids[prompt_len:]
-            if len(self.prompt_logprobs) != prompt_len + len(response) - 1:
-                raise RuntimeError(f"scoring request {request_id!r} finished with {len(self.prompt_logprobs)} "
-                                   f"prompt log-probs, expected {prompt_len + len(response) - 1}.")
-            version = self.policy_versions[0] if self.policy_versions else 0
-            return Completion(
-                request_id=request_id, token_ids=np.asarray(response, dtype=np.int32),
-                logprobs=np.asarray(self.prompt_logprobs[prompt_len - 1:], dtype=np.float32),
-                token_policy_versions=np.full(len(response), version, dtype=np.int32), finish_reason="scored")
-        return Completion(
-            request_id=request_id,
-            token_ids=np.asarray(self.token_ids, dtype=np.int32),
-            logprobs=np.asarray(self.logprobs, dtype=np.float32),
-            token_policy_versions=np.asarray(self.policy_versions, dtype=np.int32),
-            finish_reason=finish_reason,
-            topk_ids=np.asarray(self.topk_ids, dtype=np.int32).reshape(-1, self.top_k) if self.top_k else None,
-        )
+    return TokensPrompt(prompt_token_ids=prompt_ids)
 
 
 class VllmEngine:
@@ -165,7 +87,9 @@ class VllmEngine:
         share (asyncopd.placement); None or a CPU placement: today's CPU engine."""
         start = time.perf_counter()
         self._cfg = cfg
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, PendingRequest] = {}
+        self._tagged_version: int | None = None
+        """The policy_version vLLM labels new tokens with (set_weight_version)."""
         self._dead_reason = ""
         self._expected_shapes, self._tied_embeddings, vocab_size, head_dim = describe_model(model_path)
         self._vocab_size = vocab_size
@@ -214,7 +138,7 @@ class VllmEngine:
                 "or lower actor.max_new_tokens, or shorten the prompt; prompts are never truncated."
             )
         params = self._sampling_params(greedy=greedy, seed=seed, temperature=temperature)
-        self._queue(request_id, prompt, params, _Pending(top_k=params.logprobs))
+        self._queue(request_id, prompt, params, PendingRequest(top_k=params.logprobs))
 
     def add_scoring(self, request_id: str, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> None:
         """Queue a teacher-forced scoring of ``response_ids`` after ``prompt_ids`` (vLLM
@@ -231,7 +155,7 @@ class VllmEngine:
                              f"actor.max_model_len - 1 = {self._cfg.max_model_len - 1}. Fix: truncate the response.")
         full = self._checked_ids(request_id, prompt + response)
         params = self._sampling_params(greedy=True, seed=None, max_tokens=1, prompt_logprobs=0)
-        self._queue(request_id, full, params, _Pending(top_k=0, scored=(len(prompt), full)))
+        self._queue(request_id, full, params, PendingRequest(top_k=0, scored=(len(prompt), full)))
 
     def _checked_ids(self, request_id: str, prompt_ids: Sequence[int]) -> list[int]:
         if request_id in self._pending or request_id == _WARMUP_REQUEST_ID:
@@ -246,10 +170,8 @@ class VllmEngine:
                              f"[0, {self._vocab_size}). Fix: tokenize with the student's tokenizer.")
         return prompt
 
-    def _queue(self, request_id: str, prompt: list[int], params: Any, pending: _Pending) -> None:
-        from vllm.inputs import TokensPrompt
-
-        self._engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+    def _queue(self, request_id: str, prompt: list[int], params: Any, pending: PendingRequest) -> None:
+        self._engine.add_request(request_id, _tokens_input(prompt), params)
         self._pending[request_id] = pending
 
     def step(self, policy_version: int) -> list[Completion]:
@@ -259,23 +181,22 @@ class VllmEngine:
         """
         if not self._pending:
             return []
+        if policy_version != self._tagged_version:
+            # vLLM labels every token with the engine's weight version and returns the
+            # spans with the finished request (requests report only when they finish:
+            # RequestOutputKind.FINAL_ONLY, no per-step output objects).
+            self._engine.set_weight_version(str(policy_version))
+            self._tagged_version = policy_version
         finished: list[Completion] = []
         for output in self._engine.step():
             pending = self._pending.get(output.request_id)
-            if pending is None:  # the warm-up request, or one aborted meanwhile
+            if pending is None or not output.finished:  # the warm-up request, or one aborted meanwhile
                 continue
+            del self._pending[output.request_id]
             sample = output.outputs[0]
-            new_ids = sample.token_ids  # DELTA: only this step's tokens
-            if sample.logprobs is None or len(sample.logprobs) != len(new_ids):
-                raise RuntimeError(f"vLLM returned {len(new_ids)} tokens for {output.request_id!r} without "
-                                   "one log-prob each; SamplingParams(logprobs=0) was not honoured.")
-            if pending.scored is not None and output.prompt_logprobs:
-                pending.take_prompt_logprobs(output.prompt_logprobs, output.request_id)
-            pending.extend(new_ids, sample.logprobs, output.request_id)
-            pending.policy_versions.extend([policy_version] * len(new_ids))
-            if output.finished:
-                del self._pending[output.request_id]
-                finished.append(pending.complete(output.request_id, str(sample.finish_reason)))
+            spans = [(span.version, span.start) for span in sample.weight_versions or ()]
+            finished.append(pending.complete(output.request_id, str(sample.finish_reason), sample.token_ids,
+                                             sample.logprobs, spans, output.prompt_logprobs))
         return finished
 
     def abort(self, request_id: str) -> Completion:
@@ -283,8 +204,16 @@ class VllmEngine:
         pending = self._pending.pop(request_id, None)
         if pending is None:
             raise KeyError(f"request {request_id!r} is not in flight (finished, aborted or never added).")
+        # vLLM's record of the request so far (FINAL_ONLY: nothing was reported yet).
+        state = self._engine.output_processor.request_states.get(request_id)
+        if state is None:
+            token_ids, flat, starts, prompt_flat = [], None, [], None
+        else:
+            token_ids = list(state.detokenizer.output_token_ids)
+            flat, starts = state.logprobs_processor.logprobs, list(state.weight_version_starts)
+            prompt_flat = state.logprobs_processor.prompt_logprobs
         self._engine.abort_request([request_id])
-        return pending.complete(request_id, "abort")
+        return pending.complete(request_id, "abort", token_ids, flat, starts, prompt_flat)
 
     def abort_all(self) -> list[Completion]:
         """Abort every request in flight; returns their partial completions."""
@@ -368,10 +297,8 @@ class VllmEngine:
     def _warm_up(self) -> None:
         # With an explicit KV size and eager mode vLLM skips its warm-up forward, so the
         # first real step would pay for it (~2 s on CPU); pay it here instead.
-        from vllm.inputs import TokensPrompt
-
         params = self._sampling_params(greedy=True, seed=None, max_tokens=2)
-        self._engine.add_request(_WARMUP_REQUEST_ID, TokensPrompt(prompt_token_ids=[0]), params)
+        self._engine.add_request(_WARMUP_REQUEST_ID, _tokens_input([0]), params)
         while self._engine.has_unfinished_requests():
             self._engine.step()
         self._engine.reset_prefix_cache()

@@ -165,6 +165,8 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
     from vllm.v1.engine.llm_engine import LLMEngine
 
     on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        _choose_cpu_gemm(cfg.cpu_gemm)
     args = EngineArgs(
         model=model_path,
         dtype=dtype,
@@ -191,6 +193,18 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
     return LLMEngine.from_engine_args(args)
 
 
+def _choose_cpu_gemm(kind: str) -> None:
+    """actor.cpu_gemm: ``plain`` makes vLLM's CPU linear layers skip the oneDNN handle
+    (its dispatch then keeps the weight and calls torch's ``linear``); ``packed`` restores
+    vLLM's own choice. vLLM decides per layer, at load and at every weight reload, from
+    this module flag of its ops, so the choice holds for the whole process."""
+    from vllm import _custom_ops as ops
+
+    if not hasattr(ops, "_asyncopd_supports_onednn"):
+        ops._asyncopd_supports_onednn = ops._supports_onednn  # what this build offers
+    ops._supports_onednn = ops._asyncopd_supports_onednn and kind == "packed"
+
+
 def max_batched_tokens(cfg: ActorConfig) -> int:
     """Tokens one engine step may process: vLLM's default (2,048), raised to hold a
     whole max_model_len sequence (a prefill is never split) and max_num_seqs decodes."""
@@ -214,7 +228,10 @@ def sampling_params_factory(cfg: ActorConfig, top_k: int) -> Any:
             prompt_logprobs=prompt_logprobs,  # scoring requests: the log-prob of every prompt token
             flat_logprobs=True,  # flat lists instead of one dict of Logprob objects per token
             detokenize=False,
-            output_kind=RequestOutputKind.DELTA,  # each step reports only its own tokens
+            # A request reports once, when it finished, with all its tokens, log-probs and
+            # weight-version spans: no output objects (nor log-prob slices) for the requests
+            # still running at every step (per-request Python on every engine step).
+            output_kind=RequestOutputKind.FINAL_ONLY,
             # One fresh object per request, never reused: vLLM may then skip its deep copy,
             # which was 40% of the cost of adding a request.
             skip_clone=True,

@@ -6,6 +6,7 @@ Part of :mod:`asyncopd.config` (import from there).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from asyncopd.config._base import _check_fraction, _check_positive, _fail
 
@@ -47,6 +48,18 @@ class ActorConfig:
     the cache, ~0.5 MB a kernel on the demo model, filled for tens of minutes: RSS rose
     by several hundred MB (bench/results/soak.txt). A miss compiles a kernel (~1.5 ms).
     None: oneDNN's default; 0: no cache (a compilation per GEMM)."""
+    cpu_gemm: Literal["packed", "plain"] = "packed"
+    """On CPU: how the engine's linear layers multiply. ``packed``: vLLM's default, each
+    weight reordered into a oneDNN kernel handle at load, and again at every weight update
+    (~0.4-2.5 ms a layer, and the handle's kernels compiled anew). ``plain``: torch's own
+    ``linear`` on the weights as loaded (no handle, nothing to repack). On the demo model
+    plain cut the actor's CPU per 128-sample step from 0.176 to 0.116 core-s (weight load
+    0.053 -> 0.015, generation 0.118 -> 0.097) with the same tokens and log-probs in that
+    run (bench/actor_step.py digest; bench/results/vs_trl.txt). Not the default: torch
+    picks its kernel by batch size, so a seeded request's log-probs then depend on the
+    batch it shared, in the last bit (~1e-6; packed: bit-identical whatever the batch),
+    and on large models oneDNN's packed GEMM may be the faster one for long prefills.
+    Process-wide in vLLM: set when an engine is built. Ignored on GPU."""
     malloc_mmap_threshold: int | None = 131072
     """Bytes from which the engine process's glibc malloc serves a block by mmap (returned
     to the OS on free), pinned: glibc's default raises the threshold as large blocks are
