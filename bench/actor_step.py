@@ -1,8 +1,9 @@
 """CPU seconds of the actor's own work per training step, the engine driven by hand (issue 8).
 
-Builds the actor's :class:`~asyncopd.actor.engine.VllmEngine` on the demo student exactly
-as a job configures it (``--config-name`` plus overrides), then repeats what the actor
-does for one 128-sample step: admit the batch (seeded requests, as
+Builds the actor's :class:`~asyncopd.actor.engine.VllmEngine` on the job's student (the
+demo's, or SmolLM2's with ``--config-name smollm2``) exactly as a job configures it
+(``--config-name`` plus overrides), then repeats what the actor does for one step
+(``learner.batch_size`` samples): admit the batch (seeded requests, as
 :class:`~asyncopd.actor.worker.ActorLoop` seeds them), step the engine until every
 request finished, turn each completion into the :class:`~asyncopd.types.Rollout` the
 actor ships (decode, reward, msgpack encode) and load new weights (a slightly changed
@@ -14,6 +15,7 @@ both the cost and that the samples did not change. No sockets, no other roles.
 
     python bench/actor_step.py loss.kl_loss=topk teacher.top_k=16 loss.pg_coef=0 learner.batch_size=128
     python bench/actor_step.py --profile /tmp/actor.prof ...   # cProfile of the timed steps
+    python bench/actor_step.py --config-name smollm2 --steps 3 --warmup 1 [actor.cpu_gemm=plain]
 
 Last line: ``actor_step total <core-s/step> generate <> ship <> reload <> digest <hex>``.
 """
@@ -57,12 +59,12 @@ def main() -> int:
     from asyncopd.actor.engine import VllmEngine, fix_malloc_mmap_threshold
     from asyncopd.seeds import job_seeds
     from asyncopd.tasks import load_task
-    from asyncopd.tasks.demo import ensure_demo_models
+    from asyncopd.launch import resolve_model_paths
     from asyncopd.transport import codec
     from asyncopd.types import Rollout
 
     fix_malloc_mmap_threshold(cfg.actor.malloc_mmap_threshold)
-    _, student = ensure_demo_models(cfg.task)
+    student, _ = resolve_model_paths(cfg)
     tokenizer = AutoTokenizer.from_pretrained(student)
     seeds = job_seeds(cfg)
     task = load_task(cfg.task, tokenizer=tokenizer, replicate=seeds.prompt_order)

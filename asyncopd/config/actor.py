@@ -48,18 +48,21 @@ class ActorConfig:
     the cache, ~0.5 MB a kernel on the demo model, filled for tens of minutes: RSS rose
     by several hundred MB (bench/results/soak.txt). A miss compiles a kernel (~1.5 ms).
     None: oneDNN's default; 0: no cache (a compilation per GEMM)."""
-    cpu_gemm: Literal["packed", "plain"] = "packed"
-    """On CPU: how the engine's linear layers multiply. ``packed``: vLLM's default, each
-    weight reordered into a oneDNN kernel handle at load, and again at every weight update
-    (~0.4-2.5 ms a layer, and the handle's kernels compiled anew). ``plain``: torch's own
-    ``linear`` on the weights as loaded (no handle, nothing to repack). On the demo model
-    plain cut the actor's CPU per 128-sample step from 0.176 to 0.116 core-s (weight load
-    0.053 -> 0.015, generation 0.118 -> 0.097) with the same tokens and log-probs in that
-    run (bench/actor_step.py digest; bench/results/vs_trl.txt). Not the default: torch
-    picks its kernel by batch size, so a seeded request's log-probs then depend on the
-    batch it shared, in the last bit (~1e-6; packed: bit-identical whatever the batch),
-    and on large models oneDNN's packed GEMM may be the faster one for long prefills.
-    Process-wide in vLLM: set when an engine is built. Ignored on GPU."""
+    cpu_gemm: Literal["packed", "plain"] = "plain"
+    """On CPU: how the engine's linear layers multiply. ``plain``: torch's own ``linear``
+    on the weights as loaded, nothing to rebuild when weights change. ``packed``: vLLM's
+    default, each weight reordered into a oneDNN kernel handle at load and again at every
+    weight update (~0.4-2.5 ms a layer, the handle's kernels compiled anew). Measured
+    (bench/results/vs_trl.txt, soak.txt): on the demo plain cut the actor's CPU per
+    128-sample step 0.176 -> 0.116 core-s and the job's step 0.186 -> 0.141 s (idle), and
+    the actor's RSS stopped growing (10-min soak +12 +- 15 MB/h, ~150 MB lower; packed:
+    +96 +- 7, oneDNN's kernel churn); on SmolLM2-135M packed generates ~13% faster
+    (actor 14.1 vs 15.3 core-s per 16 x 96-token step, reload 1.13 vs 0.50 s), which is
+    the case for packed when the actor is a job's bottleneck on a larger model. With
+    plain, torch picks its kernel by batch size, so a seeded request's log-probs depend on
+    the batch it shared in the last bit (~1e-6; tokens the same in every measurement);
+    packed is bit-identical whatever the batch. Process-wide in vLLM: set when an engine
+    is built. Ignored on GPU."""
     malloc_mmap_threshold: int | None = 131072
     """Bytes from which the engine process's glibc malloc serves a block by mmap (returned
     to the OS on free), pinned: glibc's default raises the threshold as large blocks are
