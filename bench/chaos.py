@@ -21,7 +21,9 @@ final_match on this machine (two runs without faults).
 Bit for bit. The CPU path is deterministic except for one thing: the teacher
 scores whatever rollouts have queued up as one padded batch, and its log-probs
 change in the last bit (~5e-7) with the padded length, i.e. with timing. By default
-the job here scores each rollout alone (``teacher.max_batch_tokens=1``), so both
+the job here scores each rollout alone (``teacher.max_batch_tokens=1``) and the actor
+uses oneDNN's batch-independent GEMM (``actor.cpu_gemm=packed``; with the default
+``plain`` a log-prob moves ~1e-6 with the engine batch, which a restart changes), so both
 runs are functions of their seeds and final_match is 0 when resume is exact;
 ``--batched-teacher`` keeps the teacher's batching, and then final_match is within
 the clean-vs-clean noise floor (measure it with ``--clean-twice``).
@@ -176,7 +178,9 @@ def main() -> int:
                         help="let the teacher batch rollouts as they queue up (not bit-reproducible)")
     args, extra = parser.parse_known_args()
     if not args.batched_teacher:
-        extra = ["teacher.max_batch_tokens=1", *extra]
+        # Also the actor: with actor.cpu_gemm=plain (the default) a request's log-probs move
+        # in the last bit with the engine batch it shares, which a restart changes.
+        extra = ["teacher.max_batch_tokens=1", "actor.cpu_gemm=packed", *extra]
     from asyncopd.tasks.tiny import save_tiny_model
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="asyncopd-chaos-"))

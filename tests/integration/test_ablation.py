@@ -15,9 +15,11 @@ from _jobs import run_tiny_job
 pytestmark = pytest.mark.integration
 
 # Short runs: 2 steps, evaluation every step on 4 prompts (2 samples each), one
-# rollout per teacher forward (see test_a_fixed_lag_job_repeats_exactly_with_its_seed).
+# rollout per teacher forward and the actor's batch-independent GEMM (see
+# test_a_fixed_lag_job_repeats_exactly_with_its_seed).
 TINY = ["learner.num_steps=2", "task.num_eval_prompts=4", "eval.rkl_samples=2", "eval.every_steps=1",
-        "async.schedule=fixed_lag", "teacher.max_batch_tokens=1", "learner.export_hf=false"]
+        "async.schedule=fixed_lag", "teacher.max_batch_tokens=1", "actor.cpu_gemm=packed",
+        "learner.export_hf=false"]
 
 
 def launch(run_dir: Path, models: tuple[str, str], *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:

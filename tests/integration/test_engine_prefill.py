@@ -83,7 +83,12 @@ def test_seeded_samples_do_not_depend_on_batch_makeup(engine: VllmEngine) -> Non
     again = sample(engine, mixed_batch, ids, seeds)
     for i in range(NUM_PROMPTS):
         np.testing.assert_array_equal(full[f"b{i}"].token_ids, again[f"c{i}"].token_ids)
-        np.testing.assert_array_equal(full[f"b{i}"].logprobs, again[f"c{i}"].logprobs)
+        # The fixture's engine has the default actor.cpu_gemm; oneDNN's kernels (packed) do
+        # not depend on the batch's size.
+        if ActorConfig().cpu_gemm == "packed":
+            np.testing.assert_array_equal(full[f"b{i}"].logprobs, again[f"c{i}"].logprobs)
+        else:  # torch's linear picks its kernel by batch size: last-bit differences (seen 4.8e-7)
+            np.testing.assert_allclose(full[f"b{i}"].logprobs, again[f"c{i}"].logprobs, atol=1e-5, rtol=0)
     # and the seed matters
     assert any(not np.array_equal(full[f"b{i}"].token_ids, full[f"b{i + 1}"].token_ids) for i in range(10))
 
