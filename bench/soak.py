@@ -115,6 +115,15 @@ def slope_ci_mb_per_h(times_s: list[float], values_mb: list[float]) -> tuple[flo
     return slope * 3600, 1.96 * se * 3600
 
 
+def end_job(job: subprocess.Popen) -> None:
+    """End a job started in its own process group: SIGTERM, then SIGKILL after 60 s."""
+    try:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(job.pid, signal.SIGKILL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -153,11 +162,7 @@ def main() -> int:
                 sink.flush()
                 time.sleep(args.every_s)
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGTERM)
-            job.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(job.pid, signal.SIGKILL)
+        end_job(job)
     steps = sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"learner/loss"' in line) \
         if (run_dir / "metrics.jsonl").is_file() else 0
     print(f"{steps} steps trained in {args.minutes:g} min; samples in {out}")

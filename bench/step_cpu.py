@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from soak import ranks_under  # noqa: E402  (bench/ is not a package)
+from soak import end_job, ranks_under  # noqa: E402  (bench/ is not a package)
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -85,11 +84,7 @@ def main() -> int:
                     marks[mark] = {rank: cpu_s(pid) or 0.0 for rank, pid in ranks_under(job.pid).items()}
             time.sleep(0.05)
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGTERM)
-            job.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(job.pid, signal.SIGKILL)
+        end_job(job)
     span = args.to_step - args.from_step
     records = learner_steps(run_dir)[args.from_step:args.to_step]
     total = 0.0
