@@ -24,7 +24,7 @@ quantity:
 - ``L_pg``: ``-w_t * min(rho_t * A_t, clip(rho_t) * A_t)``, ``rho_t = exp(lp - lp_old)``
   (no clip when ``ppo_clip_*`` are None; capped at ``-w_t * c * A_t`` for ``A_t < 0``
   with the dual clip ``ppo_clip_dual = c``), ``A_t`` from ``_ADVANTAGES``, ``w_t`` from
-  ``_CORRECTIONS``;
+  :mod:`asyncopd.learner.corrections`;
 - ``L_kl``: a sampled-token estimator, the top-k reverse KL, or the exact reverse KL
   over the full vocabulary computed by the learner's vocabulary pass against an
   in-process teacher (``full_kl``; see :mod:`asyncopd.learner.full_kl`) (``_KL_LOSSES``);
@@ -48,13 +48,13 @@ from torch import Tensor
 
 from asyncopd.config import LossConfig
 from asyncopd.learner.advantages import discounted_sum
+from asyncopd.learner.corrections import MAX_LOG_RATIO as _MAX_LOG_RATIO
+from asyncopd.learner.corrections import ImportanceWeights, importance_weights
 
 __all__ = [
     "LossInputs",
     "LossOutput",
-    "ImportanceWeights",
     "token_advantages",
-    "importance_weights",
     "policy_gradient_per_token",
     "kl_per_token",
     "topk_reverse_kl",
@@ -62,9 +62,6 @@ __all__ = [
     "compute_loss",
 ]
 
-# exp() of a larger log-ratio is treated as this (verl clamps the same way): far above
-# any sensible cap, it keeps ratios and k3 finite when a log-prob is extreme or -inf.
-_MAX_LOG_RATIO = 20.0
 # Smallest tail mass of the top-k KL's tail bucket. The student's top-k log-probs come
 # from a float32 log-softmax whose absolute error is ~1e-6 for logits of order 10, so
 # 1 - sum(p) below this is noise; both tails are clamped alike, so two negligible
@@ -118,21 +115,6 @@ class LossOutput:
     """Detached scalars, each the mean over this micro-batch's masked tokens."""
     num_tokens: int
     """Masked (response) tokens in this micro-batch: the weight of its metrics."""
-
-
-@dataclass(frozen=True, slots=True)
-class ImportanceWeights:
-    """Behaviour -> learner correction of one micro-batch, all [B, T], no grad, and
-    False / 0 on padding."""
-
-    weights: Tensor
-    """float [B, T]: w_t multiplying the policy-gradient term."""
-    ratio: Tensor
-    """float [B, T]: the raw token ratio exp(lp_old - lp_behaviour) (log clamped at 20)."""
-    capped: Tensor
-    """bool [B, T]: the weight was truncated at tis_cap."""
-    dropped: Tensor
-    """bool [B, T]: the token was dropped by the masked-IS band."""
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -198,61 +180,6 @@ def token_advantages(x: LossInputs, cfg: LossConfig) -> Tensor:
         raise ValueError(f"loss.advantage={cfg.advantage!r} is unknown; choose one of {sorted(_ADVANTAGES)}")
     with torch.no_grad():
         return _ADVANTAGES[cfg.advantage](x, cfg)
-
-
-# --- importance corrections -------------------------------------------------------------
-
-def _exp_ratio(log_ratio: Tensor) -> Tensor:
-    return torch.exp(log_ratio.clamp(max=_MAX_LOG_RATIO))
-
-
-def _truncated(ratio: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    return ratio.clamp(max=cfg.tis_cap), ratio > cfg.tis_cap, torch.zeros_like(ratio, dtype=torch.bool)
-
-
-def _token_tis(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    return _truncated(_exp_ratio(log_ratio), cfg)
-
-
-def _sequence_tis(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    sequence = torch.where(mask, log_ratio, 0.0).sum(-1, keepdim=True)  # [B, 1]
-    return _truncated(_exp_ratio(sequence).expand_as(log_ratio), cfg)
-
-
-def _masked_is(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    ratio = _exp_ratio(log_ratio)
-    kept = (ratio >= cfg.is_mask_low) & (ratio <= cfg.is_mask_high)
-    return kept.to(ratio.dtype), torch.zeros_like(kept), ~kept
-
-
-def _no_correction(log_ratio: Tensor, mask: Tensor, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    never = torch.zeros_like(log_ratio, dtype=torch.bool)
-    return torch.ones_like(log_ratio), never, never
-
-
-# loss.importance_correction -> (log ratio lp_old - lp_behaviour, mask, cfg) -> (weights, capped, dropped).
-# decoupled_ppo's behaviour weight is the token TIS weight; its PPO clip is applied by
-# policy_gradient_per_token, which config validation makes mandatory for it.
-_CORRECTIONS: dict[str, Callable[[Tensor, Tensor, LossConfig], tuple[Tensor, Tensor, Tensor]]] = {
-    "tis": _token_tis,
-    "seq_tis": _sequence_tis,
-    "mask": _masked_is,
-    "decoupled_ppo": _token_tis,
-    "none": _no_correction,
-}
-
-
-def importance_weights(lp_old: Tensor, lp_behaviour: Tensor, mask: Tensor, cfg: LossConfig) -> ImportanceWeights:
-    """The configured behaviour -> learner correction (``loss.importance_correction``)
-    from finite [B, T] log-probs; no grad; padding gets weight 0."""
-    if cfg.importance_correction not in _CORRECTIONS:
-        raise ValueError(f"loss.importance_correction={cfg.importance_correction!r} is unknown; choose one of "
-                         f"{sorted(_CORRECTIONS)}")
-    with torch.no_grad():
-        log_ratio = torch.where(mask, lp_old - lp_behaviour, 0.0)  # [B, T]
-        weights, capped, dropped = _CORRECTIONS[cfg.importance_correction](log_ratio, mask, cfg)
-        return ImportanceWeights(weights=torch.where(mask, weights, 0.0), ratio=_exp_ratio(log_ratio),
-                                 capped=capped & mask, dropped=dropped & mask)
 
 
 # --- per-token losses -------------------------------------------------------------------
