@@ -103,8 +103,10 @@ class HFScorer:
     """Scores with a Hugging Face causal LM held in this process."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None, top_k: int = 0) -> None:
-        """``top_k``: teacher.top_k, the width k of the top-k support (0 = sampled tokens only)."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        """``top_k``: teacher.top_k, the width k of the top-k support (0 = sampled tokens only);
+        ``device``: the rank's device from the job's placement (:func:`asyncopd.placement.rank_device`),
+        None for the CPU; the scorer never picks a device itself."""
+        self.device = torch.device(device or "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype]).to(self.device)
         self.model.eval()
         text_config = self.model.config.get_text_config()
