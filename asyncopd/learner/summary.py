@@ -1,9 +1,10 @@
-"""What the learner says about a run in words: the eval line and the final console summary.
+"""What the learner says about a run: summary.json, the eval line and the console summary.
 
-The learner role (:mod:`asyncopd.learner.worker`) writes ``summary.json`` with the
-keys of :data:`SUMMARY_EVAL_KEYS` and calls :func:`print_summary` when training
+The learner role (:mod:`asyncopd.learner.worker`) writes ``summary.json`` from
+:func:`run_summary` (the keys of :data:`SUMMARY_EVAL_KEYS` before and after, the
+verdict, staleness and sample counters) and calls :func:`print_summary` when training
 ends; :func:`eval_line` is the one-line form of an evaluation in metrics.log.
-This module computes nothing; it only formats what it is given.
+This module computes nothing; it only gathers and formats what it is given.
 """
 
 from __future__ import annotations
@@ -12,15 +13,46 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from asyncopd.buffer import BufferStats
+from asyncopd.config import JobConfig
 from asyncopd.quality import Verdict
 
-__all__ = ["SUMMARY_EVAL_KEYS", "eval_line", "print_summary"]
+__all__ = ["SUMMARY_EVAL_KEYS", "eval_line", "print_summary", "run_summary"]
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_EVAL_KEYS = ("eval/accuracy", "eval/rkl", "eval/teacher_sample_nll", "eval/forward_kl", "eval/distinct2",
                       "eval/repetition", "eval/response_tokens", "eval/eos_rate")
 """Eval metrics that summary.json reports before and after training (``<key>_before``, ``<key>_after``)."""
+
+
+def run_summary(cfg: JobConfig, *, before: dict[str, float], after: dict[str, float], verdict: Verdict,
+                stats: BufferStats, actor_metrics: dict[str, Any], counters: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's content: the evaluations ``before`` (the run's start) and ``after``
+    (its last policy version), the collapse ``verdict``, the buffer's ``stats``, the
+    actors' cumulative metrics and the learner's ``counters`` (samples, versions, resumes,
+    wall times). Non-finite floats become None (strict JSON)."""
+    summary = {
+        "objective": cfg.objective,
+        "eval/verdict": verdict.status,
+        "eval/verdict_reasons": list(verdict.reasons),
+        **{f"{key}_{when}": evaluation.get(key) for key in SUMMARY_EVAL_KEYS
+           for when, evaluation in (("before", before), ("after", after))},
+        "eval/teacher_distinct2": after.get("eval/teacher_distinct2"),
+        "eval/teacher_repetition": after.get("eval/teacher_repetition"),
+        "eval/teacher_self_nll": after.get("eval/teacher_self_nll"),
+        "async/max_staleness": cfg.async_.max_staleness,
+        "async/schedule": cfg.async_.schedule,
+        "buffer/staleness_max": stats.staleness_max,
+        "samples_dropped_stale": stats.dropped_stale,
+        "samples_dropped_other": stats.dropped_late + stats.dropped_full,
+        "samples_dropped_surplus": stats.dropped_surplus,
+        **counters,
+        **{k: v for k, v in actor_metrics.items() if k != "actor/tokens_per_s"},
+    }
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
 
 
 def eval_line(m: dict[str, Any]) -> str:

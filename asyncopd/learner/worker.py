@@ -36,9 +36,10 @@ import yaml
 
 from asyncopd import trace
 from asyncopd.config import JobConfig, LossConfig
-from asyncopd.learner.batching import TrainSample, topk_overlap
+from asyncopd.learner.batch_metrics import batch_metrics
+from asyncopd.learner.batching import TrainSample
 from asyncopd.learner.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from asyncopd.learner.summary import SUMMARY_EVAL_KEYS, eval_line, print_summary
+from asyncopd.learner.summary import eval_line, print_summary, run_summary
 from asyncopd.learner.resume import (BUFFER_FILE, RESUMES_FILE, check_compatible, job_shape, record_resume,
                                      resolve_checkpoint, set_aside_checkpoints)
 from asyncopd.learner.evaluation import EvalAccumulator, EvalExample
@@ -92,33 +93,6 @@ def _train_samples(batch: list[ScoredRollout], loss_cfg: LossConfig) -> list[Tra
     lengths = np.array([s.rollout.response_ids.shape[0] for s in batch], dtype=np.int64)
     advantages = sequence_advantages(rewards, group_ids, loss_cfg, response_lengths=lengths)
     return [TrainSample.from_scored(s, adv_base=float(a)) for s, a in zip(batch, advantages)]
-
-
-def _batch_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
-    if not batch:
-        return {"batch/samples": 0}
-    return {
-        "batch/samples": len(batch),
-        "batch/reward_mean": float(np.mean([s.rollout.reward for s in batch])),
-        "batch/response_tokens_mean": float(np.mean([s.rollout.response_ids.shape[0] for s in batch])),
-        "teacher/score_s": float(sum(s.score_s for s in batch)),
-        **_rkl_behaviour(batch),
-        **_topk_metrics(batch),
-    }
-
-
-def _rkl_behaviour(batch: list[ScoredRollout]) -> dict[str, float]:
-    # NaN: a colocated teacher scores inside the train step (learner/rkl has it then).
-    rkl = np.concatenate([s.rollout.behaviour_logprobs - s.teacher_logprobs for s in batch])
-    return {"teacher/rkl_behaviour": float(rkl.mean())} if rkl.size and np.isfinite(rkl).all() else {}
-
-
-def _topk_metrics(batch: list[ScoredRollout]) -> dict[str, float]:
-    with_topk = [s for s in batch if s.topk_ids is not None and s.rollout.student_topk_ids is not None]
-    if not with_topk:
-        return {}
-    overlap = np.concatenate([topk_overlap(s.rollout.student_topk_ids, s.topk_ids) for s in with_topk])
-    return {"learner/topk_overlap": float(overlap.mean())} if overlap.size else {}
 
 
 class Learner:
@@ -377,7 +351,7 @@ class Learner:
             sync_s = self.publish_weights()
         if self.index != 0:
             return metrics
-        metrics.update(_batch_metrics(batch))
+        metrics.update(batch_metrics(batch))
         metrics.update(self.io.buffer.stats.as_metrics())
         metrics.update(self._actor_metrics(previous_stats))
         metrics.update({"policy_version": self.policy_version, "samples_trained": self.samples_trained,
@@ -412,40 +386,17 @@ class Learner:
         return summary
 
     def _summary(self, *, wall_s: float, train_wall_s: float) -> dict[str, Any]:
-        before = self.evals.get(self.run_start_version, {})  # the run's true start, across restarts
-        after = self.evals.get(self.policy_version, {})
-        stats = self.io.buffer.stats
-        verdict = self.verdict()
-        summary = {
-            "objective": self.cfg.objective,
-            "eval/verdict": verdict.status,
-            "eval/verdict_reasons": list(verdict.reasons),
-            **{f"{key}_{when}": evaluation.get(key) for key in SUMMARY_EVAL_KEYS
-               for when, evaluation in (("before", before), ("after", after))},
-            "eval/teacher_distinct2": after.get("eval/teacher_distinct2"),
-            "eval/teacher_repetition": after.get("eval/teacher_repetition"),
-            "eval/teacher_self_nll": after.get("eval/teacher_self_nll"),
-            "async/max_staleness": self.cfg.async_.max_staleness,
-            "async/schedule": self.cfg.async_.schedule,
-            "buffer/staleness_max": stats.staleness_max,
-            "samples_trained": self.samples_trained,
-            "samples_dropped_stale": stats.dropped_stale,
-            "samples_dropped_other": stats.dropped_late + stats.dropped_full,
-            "policy_version": self.policy_version,
-            "start_policy_version": self.start_version,
-            "run_start_policy_version": self.run_start_version,
-            "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
-            "num_resumes": self.num_resumes,
-            "samples_regenerated": self.samples_regenerated,
-            "samples_dropped_surplus": stats.dropped_surplus,
-            "wall_s": wall_s,
-            "train_wall_s": train_wall_s,
-            **{k: v for k, v in self._actor_metrics({}).items() if k != "actor/tokens_per_s"},
-        }
-        summary = {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in summary.items()}
+        summary = run_summary(
+            self.cfg, before=self.evals.get(self.run_start_version, {}),  # the run's true start, across restarts
+            after=self.evals.get(self.policy_version, {}), verdict=self.verdict(), stats=self.io.buffer.stats,
+            actor_metrics=self._actor_metrics({}),
+            counters={"samples_trained": self.samples_trained, "policy_version": self.policy_version,
+                      "start_policy_version": self.start_version, "run_start_policy_version": self.run_start_version,
+                      "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
+                      "num_resumes": self.num_resumes, "samples_regenerated": self.samples_regenerated,
+                      "wall_s": wall_s, "train_wall_s": train_wall_s})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # strict JSON: no NaN
         return summary
-
 
 def run_learner(cfg: JobConfig, index: int, rendezvous: Rendezvous, student_path: str, *,
                 buffer, num_eval_prompts: int, teacher_path: str | None = None,
