@@ -13,8 +13,9 @@ Callers count and drop those; a worker never crashes on them.
 Batches (:class:`~asyncopd.types.RolloutBatch`, ``ScoreAckBatch``, ``ScoredBatch``)
 are decoded element by element: the envelope is read with each element left as raw
 msgpack, then every element is decoded and validated on its own. A malformed element
-is dropped and reported (``problems``), its neighbours are kept; only a broken
-envelope rejects the whole frame.
+is dropped and reported (``problems``), its neighbours are kept, and the batch's
+``policy_version`` is recomputed from what was kept; only a broken envelope rejects
+the whole frame.
 
 Cost. Arrays are small and many (a demo rollout is ~4 tokens, five arrays), so the
 hooks' per-call overhead, not the bytes, is what an array costs: the common case (a
