@@ -7,14 +7,15 @@ versions, then times, per rollout:
 - ``codec``: encode + decode (which validates every invariant) of each as its own
   message, against one :class:`~asyncopd.types.RolloutBatch` / ``ScoredBatch``;
 - ``socket``: the same through a real ZeroMQ PUSH -> PULL pair on loopback
-  (:class:`~asyncopd.transport.sockets.Channel`, no CURVE), send and receive, which
-  adds the per-frame costs a batch saves.
+  (:class:`~asyncopd.transport.sockets.Channel`, with CURVE and a job key as in a
+  job unless ``--no-curve``), send and receive, which adds the per-frame costs a
+  batch saves.
 
 Run it under ``/work/bin/exclusive`` for numbers to report. With an older checkout on
 ``PYTHONPATH`` (no batch types) it times the single messages only, which is how the
 array-encoding change is compared before/after.
 
-    python bench/wire_cost.py [--num 128] [--top-k 16] [--repeats 200]
+    python bench/wire_cost.py [--num 128] [--top-k 16] [--repeats 200] [--no-curve]
 
 Last line: ``wire_cost single_us <r> batch_us <r> ratio <single/batch>`` (scored
 rollouts through the socket, the teacher -> learner hop, microseconds per rollout).
@@ -81,7 +82,13 @@ def main() -> int:
     parser.add_argument("--num", type=int, default=128, help="rollouts per engine step (demo: learner.batch_size)")
     parser.add_argument("--top-k", type=int, default=16, help="teacher.top_k (0: off)")
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--no-curve", action="store_true", help="plain sockets (a job uses CURVE by default)")
     args = parser.parse_args()
+    if not args.no_curve:
+        from asyncopd.transport.security import JobKey
+        from asyncopd.transport.sockets import configure_security
+
+        configure_security(JobKey.generate())
 
     rng = np.random.default_rng(0)
     pairs = [demo_pair(i, args.top_k, rng) for i in range(args.num)]
@@ -92,7 +99,7 @@ def main() -> int:
                    "scored": [types.ScoredBatch.of(kinds["scored"])]}
     print(f"{args.num} demo rollouts (4 answer tokens, top_k={args.top_k}), us per rollout, median of "
           f"{args.repeats}; encoded sizes: rollout {len(encode(kinds['rollout'][0]))} B, "
-          f"scored {len(encode(kinds['scored'][0]))} B")
+          f"scored {len(encode(kinds['scored'][0]))} B; sockets {'plain' if args.no_curve else 'CURVE'}")
     push = Channel(zmq.PUSH, bind_host="127.0.0.1")
     pull = Channel(zmq.PULL, connect=[push.address])
     result: dict[tuple[str, str, str], float] = {}
@@ -108,6 +115,8 @@ def main() -> int:
     finally:
         push.close()
         pull.close()
+        if not args.no_curve:
+            configure_security(None)
     print(f"{'path':8} {'message':8} {'single':>9} {'batch':>9} {'ratio':>7}")
     for path in ("codec", "socket"):
         for kind in kinds:
