@@ -47,6 +47,8 @@ _ALLOWED_DTYPES = {np.dtype(t).newbyteorder("<").str for t in (np.int32, np.int6
 _DTYPES = {name.encode().ljust(_DTYPE_FIELD): np.dtype(name) for name in _ALLOWED_DTYPES}
 # dtype -> its wire field, for the dtypes that need no byte swap (the encoder's fast path).
 _HEADERS = {dtype: field for field, dtype in _DTYPES.items()}
+# ndim -> the packed (ndim, shape) header of the n-d extension.
+_SHAPES = [struct.Struct(f"<B{ndim}I") for ndim in range(_MAX_NDIM + 1)]
 
 
 class MalformedMessage(ValueError):
@@ -55,17 +57,16 @@ class MalformedMessage(ValueError):
 
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        header = _HEADERS.get(obj.dtype)
-        if header is not None and obj.ndim == 1:  # the common case: no swap, no shape
-            return msgspec.msgpack.Ext(_ARRAY_1D_EXT, header + obj.tobytes())
-        if obj.ndim > _MAX_NDIM:
+        ndim = obj.ndim
+        if ndim > _MAX_NDIM:
             raise TypeError(f"arrays of more than {_MAX_NDIM} dimensions do not travel on the wire")
-        little = obj.astype(obj.dtype.newbyteorder("<"), copy=False)
-        header = little.dtype.str.encode().ljust(_DTYPE_FIELD)
-        if obj.ndim == 1:
-            return msgspec.msgpack.Ext(_ARRAY_1D_EXT, header + little.tobytes())
-        shape = struct.pack(f"<B{obj.ndim}I", obj.ndim, *obj.shape)
-        return msgspec.msgpack.Ext(_ARRAY_ND_EXT, header + shape + little.tobytes())
+        header = _HEADERS.get(obj.dtype)
+        if header is None:  # not little-endian already: swap (a copy), then as usual
+            obj = obj.astype(obj.dtype.newbyteorder("<"))
+            header = obj.dtype.str.encode().ljust(_DTYPE_FIELD)
+        if ndim == 1:
+            return msgspec.msgpack.Ext(_ARRAY_1D_EXT, header + obj.tobytes())
+        return msgspec.msgpack.Ext(_ARRAY_ND_EXT, header + _SHAPES[ndim].pack(ndim, *obj.shape) + obj.tobytes())
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
@@ -85,7 +86,7 @@ def _ext_hook(code: int, data: memoryview) -> Any:
     ndim = payload[0] if len(payload) else -1
     if not 0 <= ndim <= _MAX_NDIM or len(payload) < 1 + 4 * ndim:
         raise TypeError("array header is truncated or names too many dimensions")
-    shape = struct.unpack_from(f"<{ndim}I", payload, 1)
+    shape = _SHAPES[ndim].unpack_from(payload)[1:]
     body = payload[1 + 4 * ndim:]
     if len(body) != dtype.itemsize * math.prod(shape):  # Python ints: no overflow, no numpy reduce (~20 us)
         raise TypeError(f"array payload of {len(body)} bytes does not hold {dtype} of shape {shape}")
