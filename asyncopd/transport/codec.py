@@ -18,9 +18,10 @@ is dropped and reported (``problems``), its neighbours are kept, and the batch's
 the whole frame.
 
 Cost. Arrays are small and many (a demo rollout is ~4 tokens, five arrays), so the
-hooks' per-call overhead, not the bytes, is what an array costs: the common case (a
-native little-endian dtype) takes one dict lookup and one copy each way, and decoded
-arrays are typed by msgspec itself (no ``dec_hook`` call per array).
+hooks' per-call overhead, not the bytes, is what an array costs: a little-endian
+dtype takes one dict lookup and one copy each way (n-d shapes with a cached
+``struct.Struct``), only a foreign byte order is swapped first, and decoded arrays
+are typed by msgspec itself (no ``dec_hook`` call per array).
 ``bench/wire_cost.py`` measures it.
 """
 
