@@ -13,9 +13,16 @@ Invariants checked on construction *and* on decode (``__post_init__``):
 - a :class:`ScoredRollout`'s teacher arrays match its rollout's response length;
 - top-k arrays are 2-d with one row per response token: ``Rollout.student_topk_ids``
   [n, k] (distinct ids >= 0 per row), ``ScoredRollout.topk_ids`` / ``topk_logprobs``
-  [n, 2k] together or not at all, ids -1 only as padding at the end of a row.
+  [n, 2k] together or not at all, ids -1 only as padding at the end of a row;
+- a batch's ``policy_version`` is the minimum of its elements' (0 when empty).
 
-A message that breaks them is rejected by the decoder like any foreign bytes.
+A message that breaks them is rejected by the decoder like any foreign bytes; inside a
+batch (:class:`RolloutBatch`, :class:`ScoreAckBatch`, :class:`ScoredBatch`: the
+messages of one engine step or one scoring forward, sent as one frame) only the broken
+elements are dropped and counted, their neighbours are kept.
+
+The checks run once per message on the hot path (tens of thousands a minute on a busy
+job), so they compare dtypes by identity first and take small minima in Python.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ import numpy as np
 
 __all__ = [
     "Rollout",
+    "RolloutBatch",
     "ScoredRollout",
+    "ScoredBatch",
     "ScoreAck",
+    "ScoreAckBatch",
     "TensorSpec",
     "WeightUpdate",
     "ActorStats",
@@ -43,17 +53,28 @@ __all__ = [
 RolloutKind = Literal["train", "eval_greedy", "eval_sample", "eval_reference"]
 
 
-def _check_array(name: str, array: np.ndarray, dtype: type, length: int | None, ndim: int = 1) -> None:
+_INT32 = np.dtype(np.int32)
+_FLOAT32 = np.dtype(np.float32)
+_SMALL = 64
+"""Arrays up to this length take their minimum in Python (numpy's reduce costs ~1 us)."""
+
+
+def _check_array(name: str, array: np.ndarray, dtype: np.dtype, length: int | None, ndim: int = 1) -> None:
     if not isinstance(array, np.ndarray) or array.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-d array")
-    if array.dtype != np.dtype(dtype):
-        raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
+    if array.dtype is not dtype and array.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {array.dtype}")
     if length is not None and array.shape[0] != length:
         raise ValueError(f"{name} has {array.shape[0]} entries, response_ids has {length}")
 
 
+def _min(array: np.ndarray) -> int:
+    """min of a non-empty 1-d int array."""
+    return min(array.tolist()) if array.shape[0] <= _SMALL else int(array.min())
+
+
 def _check_student_topk(ids: np.ndarray, n: int) -> None:
-    _check_array("student_topk_ids", ids, np.int32, n, ndim=2)
+    _check_array("student_topk_ids", ids, _INT32, n, ndim=2)
     if ids.shape[1] == 0:
         raise ValueError("student_topk_ids has no columns; use None when top-k is off")
     if ids.size and int(ids.min()) < 0:
@@ -69,8 +90,8 @@ def _check_union_topk(ids: np.ndarray | None, logprobs: np.ndarray | None, n: in
         return
     if ids is None or logprobs is None:
         raise ValueError("topk_ids and topk_logprobs come together (both or neither)")
-    _check_array("topk_ids", ids, np.int32, n, ndim=2)
-    _check_array("topk_logprobs", logprobs, np.float32, n, ndim=2)
+    _check_array("topk_ids", ids, _INT32, n, ndim=2)
+    _check_array("topk_logprobs", logprobs, _FLOAT32, n, ndim=2)
     width = ids.shape[1]
     if logprobs.shape[1] != width:
         raise ValueError(f"topk_logprobs has {logprobs.shape[1]} columns, topk_ids has {width}")
@@ -125,18 +146,17 @@ class Rollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         n = self.response_ids.shape[0] if isinstance(self.response_ids, np.ndarray) else None
-        _check_array("prompt_ids", self.prompt_ids, np.int32, None)
-        _check_array("response_ids", self.response_ids, np.int32, None)
-        _check_array("behaviour_logprobs", self.behaviour_logprobs, np.float32, n)
-        _check_array("token_policy_versions", self.token_policy_versions, np.int32, n)
+        _check_array("prompt_ids", self.prompt_ids, _INT32, None)
+        _check_array("response_ids", self.response_ids, _INT32, None)
+        _check_array("behaviour_logprobs", self.behaviour_logprobs, _FLOAT32, n)
+        _check_array("token_policy_versions", self.token_policy_versions, _INT32, n)
         if self.student_topk_ids is not None:
             _check_student_topk(self.student_topk_ids, n)
         if self.prompt_ids.shape[0] == 0:
             raise ValueError("prompt_ids is empty")
-        if n and int(self.token_policy_versions.min()) != self.policy_version:
+        if n and (oldest := _min(self.token_policy_versions)) != self.policy_version:
             raise ValueError(
-                f"policy_version={self.policy_version} differs from min(token_policy_versions)="
-                f"{int(self.token_policy_versions.min())}"
+                f"policy_version={self.policy_version} differs from min(token_policy_versions)={oldest}"
             )
 
     @property
@@ -169,7 +189,7 @@ class ScoredRollout(msgspec.Struct, tag=True, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         n = self.rollout.response_ids.shape[0]
-        _check_array("teacher_logprobs", self.teacher_logprobs, np.float32, n)
+        _check_array("teacher_logprobs", self.teacher_logprobs, _FLOAT32, n)
         student = self.rollout.student_topk_ids
         _check_union_topk(self.topk_ids, self.topk_logprobs, n, None if student is None else student.shape[1])
         if self.policy_version != self.rollout.policy_version:
@@ -199,6 +219,62 @@ class ScoreAck(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     ok: bool
     policy_version: int
     error: str | None = None
+
+
+def _check_batch_version(policy_version: int, elements: list) -> None:
+    oldest = min([e.policy_version for e in elements], default=0)
+    if policy_version != oldest:
+        raise ValueError(f"policy_version={policy_version} differs from its elements' minimum {oldest} "
+                         "(build batches with .of())")
+
+
+class RolloutBatch(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """Actor -> one teacher: every rollout for that teacher that one engine step finished
+    (and the retries due in that turn), in one frame. The teacher treats it as that many
+    :class:`Rollout` messages; each rollout is acknowledged, retried and failed over on
+    its own."""
+
+    policy_version: int
+    """min(policy_version) over ``rollouts`` (0 when empty)."""
+    rollouts: list[Rollout]
+
+    def __post_init__(self) -> None:
+        _check_batch_version(self.policy_version, self.rollouts)
+
+    @classmethod
+    def of(cls, rollouts: list[Rollout]) -> RolloutBatch:
+        return cls(policy_version=min([r.policy_version for r in rollouts], default=0), rollouts=rollouts)
+
+
+class ScoreAckBatch(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """Teacher -> one actor: the acknowledgements of that actor's rollouts that one
+    scoring forward settled (or that a colocated teacher took in one receive), in one frame."""
+
+    policy_version: int
+    """min(policy_version) over ``acks`` (0 when empty)."""
+    acks: list[ScoreAck]
+
+    def __post_init__(self) -> None:
+        _check_batch_version(self.policy_version, self.acks)
+
+    @classmethod
+    def of(cls, acks: list[ScoreAck]) -> ScoreAckBatch:
+        return cls(policy_version=min([a.policy_version for a in acks], default=0), acks=acks)
+
+
+class ScoredBatch(msgspec.Struct, tag=True, kw_only=True, frozen=True):
+    """Teacher -> learner: the scored rollouts of one scoring forward, in one frame."""
+
+    policy_version: int
+    """min(policy_version) over ``scored`` (0 when empty)."""
+    scored: list[ScoredRollout]
+
+    def __post_init__(self) -> None:
+        _check_batch_version(self.policy_version, self.scored)
+
+    @classmethod
+    def of(cls, scored: list[ScoredRollout]) -> ScoredBatch:
+        return cls(policy_version=min([s.policy_version for s in scored], default=0), scored=scored)
 
 
 class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
@@ -268,8 +344,8 @@ class TeacherReference(msgspec.Struct, kw_only=True, frozen=True):
     """"stop" (EOS sampled) or "length" (actor.max_new_tokens reached)."""
 
     def __post_init__(self) -> None:
-        _check_array("prompt_ids", self.prompt_ids, np.int32, None)
-        _check_array("response_ids", self.response_ids, np.int32, None)
+        _check_array("prompt_ids", self.prompt_ids, _INT32, None)
+        _check_array("response_ids", self.response_ids, _INT32, None)
 
 
 class TeacherReferences(msgspec.Struct, tag=True, kw_only=True, frozen=True):
@@ -291,8 +367,10 @@ class Shutdown(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     reason: str
 
 
-Message = Union[Rollout, ScoredRollout, ScoreAck, WeightUpdate, ActorStats, Heartbeat, Shutdown,
-                TeacherReferences]
+Message = Union[Rollout, RolloutBatch, ScoredRollout, ScoredBatch, ScoreAck, ScoreAckBatch, WeightUpdate,
+                ActorStats, Heartbeat, Shutdown, TeacherReferences]
+"""The single Rollout / ScoredRollout / ScoreAck are what one batch element is; every
+role still accepts them alone (as a batch of one), senders batch."""
 
 
 class ResumePoint(msgspec.Struct, kw_only=True, frozen=True):

@@ -3,10 +3,20 @@ deadlines, retries to a different teacher, heartbeats and the degrade policy.
 
 ::
 
-    send(rollout) ─pool.choose()─> DEALER[j] ──Rollout──> teacher j
-    handle(j, ScoreAck / Heartbeat) <───────────────────── teacher j
+    send(rollout) ─pool.choose()─> outbox[j]
+    flush() ─────────────────────> DEALER[j] ──RolloutBatch──> teacher j
+    handle(j, ScoreAckBatch / Heartbeat) <──────────────────── teacher j
     tick(): heartbeats due, silent teachers' rollouts resent elsewhere,
             deadlines (teacher.request_timeout_s) -> retry, then drop or fail
+
+Batching. :meth:`send` picks the teacher and starts the rollout's deadline at once
+but only queues it; :meth:`flush` sends each teacher's queue as one
+:class:`~asyncopd.types.RolloutBatch` (the actor flushes once per engine step).
+Retries that :meth:`handle` and :meth:`tick` decide are flushed before they return.
+Everything else is per rollout, as if each travelled alone: each has its own
+acknowledgement (a :class:`~asyncopd.types.ScoreAckBatch` is read as its acks, a
+lone :class:`~asyncopd.types.ScoreAck` still works), deadline, retry count and
+failover.
 
 Routing and health decisions live in the pure :class:`~asyncopd.transport.pool.TeacherPool`;
 this class only moves messages. A rollout that no teacher scored after
@@ -27,7 +37,7 @@ from typing import Any
 from asyncopd.config import TeacherConfig
 from asyncopd.transport.pool import TeacherPool
 from asyncopd.transport.sockets import Channel
-from asyncopd.types import Heartbeat, Message, Rollout, ScoreAck
+from asyncopd.types import Heartbeat, Message, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch
 
 __all__ = ["TeacherPoolClient"]
 
@@ -61,6 +71,8 @@ class TeacherPoolClient:
         self.pool = TeacherPool(len(self.dealers), silence_timeout_s=silence_timeout_s,
                                 heartbeat_interval_s=cfg.heartbeat_interval_s, clock=clock)
         self.unacked: dict[str, _Unacked] = {}
+        self.outbox: list[list[Rollout]] = [[] for _ in self.dealers]
+        """Rollouts chosen for each teacher and not yet sent (until :meth:`flush`)."""
         self.num_retries = 0
         self.num_unscored = 0
         self.num_rejected = 0
@@ -68,38 +80,63 @@ class TeacherPoolClient:
 
     # ---- sending -----------------------------------------------------------------------------
     def send(self, rollout: Rollout, request: Any) -> None:
+        """Route ``rollout`` and queue it for its teacher; :meth:`flush` sends the queues."""
         entry = _Unacked(rollout, request, self._deadline())
         self.unacked[rollout.rollout_id] = entry
         self._send_to(self.pool.choose(), entry)
 
+    def flush(self) -> int:
+        """Send each teacher's queued rollouts as one RolloutBatch; returns the number of batches."""
+        num_batches = 0
+        for teacher, queued in enumerate(self.outbox):
+            if queued:
+                self.dealers[teacher].send(RolloutBatch.of(queued))
+                self.outbox[teacher] = []
+                num_batches += 1
+        return num_batches
+
     def _send_to(self, teacher: int, entry: _Unacked) -> None:
         entry.teachers.add(teacher)
         self.pool.on_send(teacher, entry.rollout.rollout_id)
-        self.dealers[teacher].send(entry.rollout)
+        self.outbox[teacher].append(entry.rollout)
 
     def _deadline(self) -> float:
         return self.clock() + self.cfg.request_timeout_s
 
     # ---- receiving ---------------------------------------------------------------------------
     def handle(self, teacher: int, message: Message) -> list[Any]:
-        """One message from ``teacher``'s DEALER; returns requests whose slots to sample again."""
+        """One message from ``teacher``'s DEALER; returns requests whose slots to sample again
+        (retries it decides are sent before it returns)."""
         if isinstance(message, Heartbeat):
             self._heard(teacher, None)
             return []
-        if not isinstance(message, ScoreAck):
+        if isinstance(message, ScoreAck):
+            acks = [message]
+        elif isinstance(message, ScoreAckBatch):
+            acks = message.acks
+            if not acks:  # only dropped elements (counted by the channel): still an answer
+                self._heard(teacher, None)
+        else:
             self.num_rejected += 1
             return []
-        self._heard(teacher, message.rollout_id if message.ok else None)
-        entry = self.unacked.get(message.rollout_id)
+        resample: list[Any] = []
+        for ack in acks:
+            resample += self._settle(teacher, ack)
+        self.flush()
+        return resample
+
+    def _settle(self, teacher: int, ack: ScoreAck) -> list[Any]:
+        self._heard(teacher, ack.rollout_id if ack.ok else None)
+        entry = self.unacked.get(ack.rollout_id)
         if entry is None:
             return []  # a late ack of a rollout another teacher already scored (or one given up)
-        if message.ok:
-            del self.unacked[message.rollout_id]
+        if ack.ok:
+            del self.unacked[ack.rollout_id]
             return []
         logger.warning("actor %d: teacher %d could not score %s: %s", self.actor_index, teacher,
-                       message.rollout_id, message.error)
-        self.pool.teachers[teacher].outstanding.discard(message.rollout_id)
-        return self._retry(message.rollout_id)
+                       ack.rollout_id, ack.error)
+        self.pool.teachers[teacher].outstanding.discard(ack.rollout_id)
+        return self._retry(ack.rollout_id)
 
     def _heard(self, teacher: int, rollout_id: str | None) -> None:
         if self.pool.on_reply(teacher, rollout_id):
@@ -108,7 +145,8 @@ class TeacherPoolClient:
 
     # ---- time --------------------------------------------------------------------------------
     def tick(self) -> list[Any]:
-        """Heartbeats, silent teachers and deadlines; returns requests to sample again."""
+        """Heartbeats, silent teachers and deadlines; returns requests to sample again.
+        Sends what is queued, the retries it decided included."""
         now = self.clock()
         for teacher in self.pool.heartbeats_due():
             self.pool.on_send(teacher)
@@ -139,6 +177,7 @@ class TeacherPoolClient:
             logger.warning("actor %d: no score for %s within teacher.request_timeout_s=%g", self.actor_index,
                            rollout_id, self.cfg.request_timeout_s)
             resample += self._retry(rollout_id)
+        self.flush()
         return resample
 
     def _retry(self, rollout_id: str) -> list[Any]:

@@ -3,9 +3,10 @@
 Loop, one engine step at a time::
 
     control inbox ─WeightUpdate─> engine.receive_weights (inside the vLLM worker: weight_receiver)
-    prompts ─admit (slots, staleness bound)─> engine.step() ─Rollout─> teacher pool (a DEALER each; learner
-                                                   rank 0 with teacher.backend=colocated)
-                                                   teacher ─ScoreAck─> retry elsewhere / degrade
+    prompts ─admit (slots, staleness bound)─> engine.step() ─RolloutBatch─> teacher pool (a DEALER each;
+                                                   learner rank 0 with teacher.backend=colocated)
+                                                   teacher ─ScoreAckBatch─> retry elsewhere / degrade
+    (one RolloutBatch per teacher per engine step; acks, deadlines, retries per rollout)
 
 Admission (slots). Each optimiser step ``k`` takes ``batch_size / num_actors``
 samples from this actor, whole prompt groups at a time; the actor stamps them
@@ -348,6 +349,7 @@ class ActorLoop:
                 with trace.span("ship", rollouts=len(completions)):
                     for completion in completions:
                         self._finish(completion)
+                    self.teachers.flush()  # one RolloutBatch per teacher for this engine step
         self._send_stats()
         return True
 

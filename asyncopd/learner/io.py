@@ -3,7 +3,7 @@ results, actor telemetry, weight announcements and shutdown.
 
 ::
 
-    teachers ─ScoredRollout─┐                      ┌─> buffer (train) ─> batch of step k
+    teachers ─ScoredBatch───┐                      ┌─> buffer (train) ─> batch of step k
     actors  ──ActorStats────┴─> PULL inbox ─> route ┼─> EvalAccumulator (eval_*)
                                                     └─> latest ActorStats per actor
     WeightUpdate / Shutdown ─> PUSH to each actor's and teacher's control inbox
@@ -11,9 +11,12 @@ results, actor telemetry, weight announcements and shutdown.
 With an in-process teacher (``teacher.backend=colocated``, no teacher ranks) the
 actors' DEALERs connect to a ROUTER here instead::
 
-    actors ─Rollout─> ROUTER ─train─> ScoredRollout with NaN teacher log-probs ─> buffer
-                        │               (the train step scores it), ScoreAck at once
-                        └──eval──> score (the learner's teacher) ─> EvalAccumulator, ScoreAck
+    actors ─RolloutBatch─> ROUTER ─train─> ScoredRollout with NaN teacher log-probs ─> buffer
+                             │               (the train step scores it), ScoreAckBatch at once
+                             └──eval──> score (the learner's teacher) ─> EvalAccumulator, ScoreAckBatch
+
+Batches are unpacked here: each element is routed, and acknowledged, as if it had
+come alone (a lone ScoredRollout or Rollout from an older peer is a batch of one).
 
 The buffer is injected by the launcher (roles do not import each other).
 """
@@ -34,7 +37,8 @@ from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.teacher import placeholder_teacher_logprobs
 from asyncopd.transport.discovery import Rendezvous
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import ActorStats, Heartbeat, Rollout, ScoreAck, ScoredRollout, Shutdown, WeightUpdate
+from asyncopd.types import (ActorStats, Heartbeat, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, ScoredBatch,
+                            ScoredRollout, Shutdown, WeightUpdate)
 
 __all__ = ["LearnerIO"]
 
@@ -82,15 +86,11 @@ class LearnerIO:
         num_scored = 0
         while received is not None:
             message = received[1]
-            if isinstance(message, ScoredRollout):
-                num_scored += 1
-                if message.rollout.kind == "train":
-                    self.buffer.put(message, learner_version)
-                else:
-                    metrics = self.evaluation.add(message)
-                    if metrics is not None:
-                        self.last_eval = metrics
-                        self.on_eval(metrics)
+            if isinstance(message, (ScoredBatch, ScoredRollout)):
+                scored = message.scored if isinstance(message, ScoredBatch) else [message]
+                num_scored += len(scored)
+                for one in scored:
+                    self._route(one, learner_version)
             elif isinstance(message, ActorStats):
                 self.actor_stats[message.actor_index] = message
             else:
@@ -99,53 +99,70 @@ class LearnerIO:
             received = self.inbox.recv(timeout_s=0.0)
         return num_scored + num_from_actors
 
+    def _route(self, scored: ScoredRollout, learner_version: int) -> None:
+        if scored.rollout.kind == "train":
+            self.buffer.put(scored, learner_version)
+            return
+        metrics = self.evaluation.add(scored)
+        if metrics is not None:
+            self.last_eval = metrics
+            self.on_eval(metrics)
+
     def _receive_rollouts(self, learner_version: int) -> int:
         """Colocated teacher: take the actors' rollouts, acknowledge training ones at once
         (scored later, in the train step) and score evaluation ones now; returns how many
         training rollouts arrived."""
         assert self.rollouts is not None and self.score is not None
         evals: list[tuple[bytes, Rollout]] = []
-        num_train = 0
+        train: list[tuple[bytes, Rollout]] = []
         while (received := self.rollouts.recv(timeout_s=0.0)) is not None:
-            identity, rollout = received
-            if isinstance(rollout, Heartbeat) and identity is not None:
-                self.rollouts.send(rollout, identity=identity)  # the actors' pool client: alive
+            identity, message = received
+            if isinstance(message, Heartbeat) and identity is not None:
+                self.rollouts.send(message, identity=identity)  # the actors' pool client: alive
                 continue
-            if not isinstance(rollout, Rollout) or identity is None:
+            if identity is not None and isinstance(message, RolloutBatch):
+                rollouts = message.rollouts
+            elif identity is not None and isinstance(message, Rollout):  # an older actor: a batch of one
+                rollouts = [message]
+            else:
                 self.rollouts.num_rejected += 1
-                logger.warning("learner rollout socket: ignored a %s", type(rollout).__name__)
+                logger.warning("learner rollout socket: ignored a %s", type(message).__name__)
                 continue
-            if rollout.kind != "train":
-                evals.append((identity, rollout))
-                continue
+            for rollout in rollouts:
+                (train if rollout.kind == "train" else evals).append((identity, rollout))
+        for _, rollout in train:
             self.buffer.put(ScoredRollout(rollout=rollout, teacher_logprobs=placeholder_teacher_logprobs(rollout),
                                           teacher_index=-1, score_s=0.0, policy_version=rollout.policy_version),
                             learner_version)
-            num_train += 1
-            self._ack(identity, rollout, None)
+        self._ack(train, None)
         if not evals:
-            return num_train
+            return len(train)
         try:
             with trace.span("score", rollouts=len(evals)):
                 scores = self.score([rollout for _, rollout in evals])
         except Exception as exc:  # the actors retry (teacher.max_retries), then degrade
             logger.exception("learner: scoring %d evaluation rollouts failed", len(evals))
-            for identity, rollout in evals:
-                self._ack(identity, rollout, f"{type(exc).__name__}: {exc}"[:500])
-            return num_train
-        for (identity, rollout), logprobs in zip(evals, scores):
-            metrics = self.evaluation.add(ScoredRollout(rollout=rollout, teacher_logprobs=logprobs, teacher_index=-1,
-                                                        score_s=0.0, policy_version=rollout.policy_version))
-            self._ack(identity, rollout, None)
+            self._ack(evals, f"{type(exc).__name__}: {exc}"[:500])
+            return len(train)
+        completed = [self.evaluation.add(ScoredRollout(rollout=rollout, teacher_logprobs=logprobs, teacher_index=-1,
+                                                       score_s=0.0, policy_version=rollout.policy_version))
+                     for (_, rollout), logprobs in zip(evals, scores)]
+        self._ack(evals, None)
+        for metrics in completed:
             if metrics is not None:
                 self.last_eval = metrics
                 self.on_eval(metrics)
-        return num_train
+        return len(train)
 
-    def _ack(self, identity: bytes, rollout: Rollout, error: str | None) -> None:
+    def _ack(self, received: list[tuple[bytes, Rollout]], error: str | None) -> None:
+        """One ScoreAckBatch per actor for its rollouts in ``received`` (``error``: not scored)."""
         assert self.rollouts is not None
-        self.rollouts.send(ScoreAck(rollout_id=rollout.rollout_id, ok=error is None,
-                                    policy_version=rollout.policy_version, error=error), identity=identity)
+        acks: dict[bytes, list[ScoreAck]] = {}
+        for identity, rollout in received:
+            acks.setdefault(identity, []).append(ScoreAck(rollout_id=rollout.rollout_id, ok=error is None,
+                                                          policy_version=rollout.policy_version, error=error))
+        for identity, batch in acks.items():
+            self.rollouts.send(ScoreAckBatch.of(batch), identity=identity)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
         stall = _StallTimer(self.cfg.learner.batch_timeout_s)

@@ -2,17 +2,18 @@
 
 Data flow (one direction)::
 
-    actor DEALER ──Rollout──> ROUTER [this worker] ──ScoredRollout──> PUSH ─> learner inbox
-                 <─ScoreAck──
+    actor DEALER ──RolloutBatch──> ROUTER [this worker] ──ScoredBatch──> PUSH ─> learner inbox
+                 <─ScoreAckBatch──
 
 The worker drains everything queued on its ROUTER (up to the token budget, so
 batching follows load without adding latency), scores it in one or more
-forwards, forwards each :class:`ScoredRollout` (with the top-k support when
-teacher.top_k > 0) to the learner and acknowledges
-each rollout to the actor that sent it. A rollout that fails to score is
+forwards and, per forward, sends the learner one :class:`ScoredBatch` (with the
+top-k support when teacher.top_k > 0), then each actor one :class:`ScoreAckBatch`
+acknowledging its rollouts of that forward. A rollout that fails to score is
 acknowledged with ``ok=False`` so the actor can retry it elsewhere; the worker
-keeps serving. A :class:`Heartbeat` is echoed at once (between forwards), which is
-how actors tell a busy teacher from a dead or frozen one. It exits on
+keeps serving. A lone :class:`Rollout` (an older actor) is taken as a batch of one.
+A :class:`Heartbeat` is echoed at once (between forwards), which is how actors tell
+a busy teacher from a dead or frozen one. It exits on
 :class:`Shutdown` from the learner. Before serving, rank 0 samples the evaluation's
 teacher references (:mod:`asyncopd.teacher.references`).
 """
@@ -31,7 +32,8 @@ from asyncopd.placement import Placement, limit_gpu_memory
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import Heartbeat, Rollout, ScoreAck, ScoredRollout, Shutdown
+from asyncopd.types import (Heartbeat, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, ScoredBatch, ScoredRollout,
+                            Shutdown)
 
 __all__ = ["TeacherWorker", "run_teacher"]
 
@@ -72,12 +74,17 @@ class TeacherWorker:
                 self.router.send(message, identity=identity)
                 self.num_heartbeats += 1
                 continue
-            if not isinstance(message, Rollout) or identity is None:
+            if identity is not None and isinstance(message, RolloutBatch):
+                rollouts = message.rollouts
+            elif identity is not None and isinstance(message, Rollout):  # an older actor: a batch of one
+                rollouts = [message]
+            else:
                 self.router.num_rejected += 1
                 logger.warning("teacher %d: ignored a %s on its rollout socket", self.index, type(message).__name__)
                 continue
-            pending.append((identity, message))
-            tokens += message.num_tokens
+            for rollout in rollouts:
+                pending.append((identity, rollout))
+                tokens += rollout.num_tokens
         return pending
 
     def serve_once(self, timeout_s: float = 0.5) -> bool:
@@ -103,21 +110,27 @@ class TeacherWorker:
             except Exception as exc:  # a bad batch must not take the pool down
                 logger.exception("teacher %d: scoring %d rollouts failed", self.index, len(group))
                 self.num_failed += len(group)
-                for r in group:
-                    ack = ScoreAck(rollout_id=r.rollout_id, ok=False, policy_version=r.policy_version,
-                                   error=f"{type(exc).__name__}: {exc}"[:500])
-                    self.router.send(ack, identity=sender[r.rollout_id])
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                self._acknowledge(sender, group, error)
                 continue
             seconds = time.perf_counter() - start
             group_tokens = sum(r.num_tokens for r in group)
-            for r, score in zip(group, scores):
-                share = seconds * r.num_tokens / group_tokens
-                self.to_learner.send(ScoredRollout(
-                    rollout=r, teacher_logprobs=score.logprobs, teacher_index=self.index, score_s=share,
-                    policy_version=r.policy_version, topk_ids=score.topk_ids, topk_logprobs=score.topk_logprobs))
-                self.router.send(ScoreAck(rollout_id=r.rollout_id, ok=True, policy_version=r.policy_version),
-                                 identity=sender[r.rollout_id])
+            self.to_learner.send(ScoredBatch.of([
+                ScoredRollout(rollout=r, teacher_logprobs=score.logprobs, teacher_index=self.index,
+                              score_s=seconds * r.num_tokens / group_tokens, policy_version=r.policy_version,
+                              topk_ids=score.topk_ids, topk_logprobs=score.topk_logprobs)
+                for r, score in zip(group, scores)]))
+            self._acknowledge(sender, group, None)  # after the scores left: an ack means "on its way"
             self.num_scored += len(group)
+
+    def _acknowledge(self, sender: dict[str, bytes], group: list[Rollout], error: str | None) -> None:
+        """One ScoreAckBatch per actor for its rollouts in ``group`` (``error``: not scored)."""
+        acks: dict[bytes, list[ScoreAck]] = {}
+        for r in group:
+            acks.setdefault(sender[r.rollout_id], []).append(
+                ScoreAck(rollout_id=r.rollout_id, ok=error is None, policy_version=r.policy_version, error=error))
+        for identity, batch in acks.items():
+            self.router.send(ScoreAckBatch.of(batch), identity=identity)
 
     def close(self) -> None:
         for channel in (self.router, self.inbox, self.to_learner):

@@ -2,7 +2,9 @@
 
 A :class:`Channel` owns one socket. It encodes on send, decodes on receive, and
 drops (and counts) anything that is not a valid message, so a foreign or
-corrupted frame never crashes a worker. Sockets close with ``linger=0``.
+corrupted frame never crashes a worker; in a batch, each malformed element counts
+as one rejected message and the rest of the batch is delivered. Sockets close with
+``linger=0``.
 
 Patterns used by the roles:
 
@@ -92,7 +94,8 @@ class Channel:
         """The next valid message as (sender identity or None, message).
 
         Waits up to ``timeout_s`` (None: forever); returns None when nothing valid
-        arrived in time. Invalid frames are counted in ``num_rejected`` and skipped.
+        arrived in time. Invalid frames, and the invalid elements of a batch, are
+        counted in ``num_rejected`` and skipped.
         """
         timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
         while self.socket.poll(timeout_ms):
@@ -108,10 +111,15 @@ class Channel:
                 continue
             else:
                 payload = frames[0]
+            problems: list[str] = []
             try:
-                return identity, decode(payload)
+                message = decode(payload, problems)
             except MalformedMessage as exc:
                 self._reject(str(exc))
+            else:
+                for problem in problems:  # a batch's malformed elements: dropped, each counted
+                    self._reject(problem)
+                return identity, message
             timeout_ms = 0  # a rejected frame does not restart the wait
         return None
 

@@ -215,7 +215,7 @@ def test_a_teacher_role_under_curve_serves_holders_and_ignores_strangers(
         tmp_path, job_key: JobKey, channels: list[Channel]) -> None:
     from asyncopd.tasks.tiny import save_tiny_model
     from asyncopd.transport.codec import encode
-    from asyncopd.types import ScoredRollout
+    from asyncopd.types import RolloutBatch, ScoredBatch
 
     model_path = str(save_tiny_model(tmp_path / "teacher", seed=3))
     ctx = mp.get_context("spawn")
@@ -237,17 +237,18 @@ def test_a_teacher_role_under_curve_serves_holders_and_ignores_strangers(
         control = Channel(zmq.PUSH, connect=[inbox])
         channels += [dealer, control]
         time.sleep(0.5)  # the strangers' attempts come first
-        for i in range(4):
-            dealer.send(rollout(f"r{i}"))
+        dealer.send(RolloutBatch.of([rollout(f"r{i}") for i in range(4)]))
         scored: set[str] = set()
         deadline = time.monotonic() + 60
         while len(scored) < 4 and time.monotonic() < deadline:
             if (got := learner.recv(timeout_s=0.1)) is not None:
-                assert isinstance(got[1], ScoredRollout)
-                scored.add(got[1].rollout.rollout_id)
+                assert isinstance(got[1], ScoredBatch)
+                scored.update(s.rollout_id for s in got[1].scored)
         assert learner.recv(timeout_s=0.5) is None  # nothing for the stranger's rollout
         assert scored == {"r0", "r1", "r2", "r3"}
-        acks = {dealer.recv(timeout_s=5.0)[1].rollout_id for _ in range(4)}
+        acks: set[str] = set()
+        while len(acks) < 4 and (got := dealer.recv(timeout_s=5.0)) is not None:
+            acks.update(a.rollout_id for a in got[1].acks)
         assert acks == scored
         assert proc.is_alive()  # the injected Shutdown never arrived
         for sock in strangers:

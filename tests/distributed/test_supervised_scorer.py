@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from asyncopd.teacher.supervised import ScorerError, ScorerRestarted, SupervisedScorer
-from asyncopd.types import Rollout, ScoreAck, ScoredRollout
+from asyncopd.types import Rollout, ScoreAck, ScoredBatch
 
 pytestmark = pytest.mark.distributed
 
@@ -92,11 +92,11 @@ def test_the_teacher_worker_acks_the_crashed_batch_as_failed_and_keeps_serving()
             while rid not in acks and time.monotonic() < deadline:
                 worker.serve_once(0.05)
                 while (got := dealer.recv(timeout_s=0.0)) is not None:
-                    acks[got[1].rollout_id] = got[1]
+                    acks.update((a.rollout_id, a) for a in got[1].acks)
         assert not acks["crash"].ok and "ScorerRestarted" in acks["crash"].error
         assert acks["ok"].ok
         got = learner.recv(timeout_s=5.0)
-        assert isinstance(got[1], ScoredRollout) and got[1].rollout_id == "ok"
+        assert isinstance(got[1], ScoredBatch) and [s.rollout_id for s in got[1].scored] == ["ok"]
     finally:
         worker.close()
         dealer.close()

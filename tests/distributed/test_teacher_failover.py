@@ -16,7 +16,7 @@ from asyncopd.actor.teachers import TeacherPoolClient
 from asyncopd.buffer import StalenessBuffer
 from asyncopd.config import TeacherConfig
 from asyncopd.transport.sockets import Channel
-from asyncopd.types import Rollout, ScoredRollout, Shutdown
+from asyncopd.types import Rollout, ScoredBatch, ScoredRollout, Shutdown
 
 pytestmark = pytest.mark.distributed
 
@@ -57,7 +57,8 @@ def pump(client: TeacherPoolClient, learner: Channel, scored: list[ScoredRollout
                 assert client.handle(j, got[1]) == []
         assert client.tick() == []
         while (got := learner.recv(timeout_s=0.01)) is not None:
-            scored.append(got[1])
+            assert isinstance(got[1], ScoredBatch)
+            scored += got[1].scored
 
 
 @pytest.mark.parametrize("fault", ["sigstop", "sigkill"])

@@ -16,7 +16,8 @@ import zmq
 
 from asyncopd.transport.sockets import Channel
 from asyncopd.transport.weights import WeightGroup, broadcast_weights, plan_buckets, receive_weights
-from asyncopd.types import Rollout, ScoreAck, ScoredRollout, Shutdown, TensorSpec, WeightUpdate
+from asyncopd.types import (Rollout, RolloutBatch, ScoreAckBatch, ScoredBatch, ScoredRollout, Shutdown, TensorSpec,
+                            WeightUpdate)
 
 pytestmark = pytest.mark.distributed
 
@@ -137,17 +138,18 @@ def test_teacher_pool_of_two_scores_every_rollout(tmp_path) -> None:
         stranger.socket.send(b"not a message")
         rng = np.random.default_rng(0)
         rollouts = [make_rollout(i, rng) for i in range(24)]
-        for r in rollouts:
-            dealer.send(r)
+        for i in range(0, len(rollouts), 4):  # the DEALER spreads the batches over both teachers
+            dealer.send(RolloutBatch.of(rollouts[i:i + 4]))
         scored: dict[str, ScoredRollout] = {}
         acks: set[str] = set()
         deadline = time.monotonic() + 60
         while (len(scored) < len(rollouts) or len(acks) < len(rollouts)) and time.monotonic() < deadline:
             if (got := learner.recv(timeout_s=0.1)) is not None:
-                scored[got[1].rollout.rollout_id] = got[1]
+                assert isinstance(got[1], ScoredBatch)
+                scored.update((s.rollout_id, s) for s in got[1].scored)
             while (ack := dealer.recv(timeout_s=0.0)) is not None:
-                assert isinstance(ack[1], ScoreAck) and ack[1].ok
-                acks.add(ack[1].rollout_id)
+                assert isinstance(ack[1], ScoreAckBatch) and all(a.ok for a in ack[1].acks)
+                acks.update(a.rollout_id for a in ack[1].acks)
         assert len(scored) == len(rollouts) and len(acks) == len(rollouts)
         assert {s.teacher_index for s in scored.values()} == {0, 1}
         model = AutoModelForCausalLM.from_pretrained(model_path).eval()

@@ -15,7 +15,7 @@ from asyncopd.config import from_dict
 from asyncopd.tasks import load_task
 from asyncopd.tasks.tokenizer import build_char_tokenizer
 from asyncopd.transport.sockets import Channel
-from asyncopd.types import Rollout, ScoreAck, Shutdown, TeacherReference, WeightUpdate
+from asyncopd.types import Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, Shutdown, TeacherReference, WeightUpdate
 
 
 class FakeEngine:
@@ -95,12 +95,15 @@ def push_weights(loop, control, version: int) -> None:
         loop.run_once(0.01)
 
 
-def drain_rollouts(teacher: Channel) -> list[Rollout]:
-    """The rollouts that reached the fake teacher (its heartbeats left out)."""
+def drain_rollouts(teacher: Channel, batches: list[RolloutBatch] | None = None) -> list[Rollout]:
+    """The rollouts that reached the fake teacher (its heartbeats left out), each
+    RolloutBatch also appended to ``batches``."""
     out = []
     while (got := teacher.recv(timeout_s=0.05)) is not None:
-        if isinstance(got[1], Rollout):
-            out.append(got[1])
+        if isinstance(got[1], RolloutBatch):
+            out += got[1].rollouts
+            if batches is not None:
+                batches.append(got[1])
     return out
 
 
@@ -151,18 +154,22 @@ def test_unscored_rollout_is_resampled_for_the_same_slot() -> None:
     loop.cfg.teacher.max_retries = 1
     push_weights(loop, control, 0)
     loop.run_once(0.01)
-    first = drain_rollouts(teacher)
-    assert len(first) == 4
+    batches: list[RolloutBatch] = []
+    first = drain_rollouts(teacher, batches)
+    assert len(first) == 4 and len(batches) == 1  # what one engine step finished: one frame
     victim = first[0]
     for attempt in range(2):  # one retry, then the degrade policy
-        teacher.send(ScoreAck(rollout_id=victim.rollout_id, ok=False, policy_version=0, error="boom"),
-                     identity=b"actor-0")
+        fail = ScoreAck(rollout_id=victim.rollout_id, ok=False, policy_version=0, error="boom")
+        # The first as a lone ScoreAck (an older teacher), the second in a batch with an ok ack.
+        teacher.send(fail if attempt == 0 else ScoreAckBatch.of([fail, ScoreAck(
+            rollout_id=first[1].rollout_id, ok=True, policy_version=0)]), identity=b"actor-0")
         deadline = time.monotonic() + 2
         while loop.num_retries + loop.num_unscored < attempt + 1 and time.monotonic() < deadline:
             loop.run_once(0.01)
     loop.run_once(0.01)
     again = drain_rollouts(teacher)
     assert loop.num_retries == 1 and loop.num_unscored == 1
+    assert first[1].rollout_id not in loop.unacked and first[2].rollout_id in loop.unacked
     resampled = [r for r in again if r.rollout_id != victim.rollout_id]
     assert len(resampled) == 1
     assert (resampled[0].batch_index, resampled[0].group_id) == (victim.batch_index, victim.group_id)

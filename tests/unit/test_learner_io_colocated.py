@@ -1,7 +1,8 @@
 """Learner rank 0's rollout socket with an in-process teacher (teacher.backend=colocated),
 over real ZeroMQ on loopback with a fake rendezvous and a fake scorer: training
 rollouts reach the buffer unscored and are acknowledged at once, evaluation rollouts
-are scored and complete an evaluation, a failing scorer is acknowledged as a failure."""
+are scored and complete an evaluation, a failing scorer is acknowledged as a failure;
+a RolloutBatch is acknowledged in ScoreAckBatches, per rollout."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from asyncopd.config import from_dict
 from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.io import LearnerIO
 from asyncopd.transport.sockets import Channel
-from asyncopd.types import Rollout, ScoreAck
+from asyncopd.types import Rollout, RolloutBatch, ScoreAck, ScoreAckBatch
 
 
 class FakeRendezvous:
@@ -62,20 +63,24 @@ def setup():
     io.close()
 
 
-def acks(actor: Channel, count: int) -> list[ScoreAck]:
+def acks(actor: Channel, count: int, frames: list | None = None) -> list[ScoreAck]:
+    """The acks the actor received (ScoreAckBatches unpacked), each frame in ``frames``."""
     got = []
     deadline = time.monotonic() + 5.0
     while len(got) < count and time.monotonic() < deadline:
         received = actor.recv(timeout_s=0.1)
         if received is not None:
-            got.append(received[1])
+            assert isinstance(received[1], ScoreAckBatch)
+            got += received[1].acks
+            if frames is not None:
+                frames.append(received[1])
     return got
 
 
 def test_train_rollouts_are_buffered_unscored_and_evals_are_scored(setup) -> None:
     io, actor, calls, evals = setup
-    for i, kind in enumerate(["train", "eval_greedy", "train", "eval_sample"]):
-        actor.send(rollout(i, kind))
+    actor.send(RolloutBatch.of([rollout(i, kind) for i, kind in enumerate(["train", "eval_greedy", "train",
+                                                                           "eval_sample"])]))
     batch = None
     deadline = time.monotonic() + 5.0
     while (batch is None or not evals) and time.monotonic() < deadline:
@@ -85,13 +90,16 @@ def test_train_rollouts_are_buffered_unscored_and_evals_are_scored(setup) -> Non
     assert all(np.isnan(s.teacher_logprobs).all() and s.teacher_index == -1 for s in batch)
     assert sum(calls) == 2  # only the evaluation rollouts were scored on arrival
     assert evals and evals[0]["eval/rkl"] == pytest.approx(0.5)  # behaviour -1.0 minus teacher -1.5
-    received = acks(actor, 4)
+    frames: list[ScoreAckBatch] = []
+    received = acks(actor, 4, frames)
     assert sorted(a.rollout_id for a in received) == ["0-0", "0-1", "0-2", "0-3"] and all(a.ok for a in received)
+    # One batch in, two frames back: the training rollouts' acks at once, the evaluations' after scoring.
+    assert [sorted(a.rollout_id for a in f.acks) for f in frames] == [["0-0", "0-2"], ["0-1", "0-3"]]
 
 
 def test_a_failing_scorer_acknowledges_the_evals_as_failed(setup) -> None:
     io, actor, _, evals = setup
-    actor.send(rollout(99, "eval_sample"))
+    actor.send(rollout(99, "eval_sample"))  # a lone Rollout (an older actor) is a batch of one
     received: list[ScoreAck] = []
     deadline = time.monotonic() + 5.0
     while not received and time.monotonic() < deadline:

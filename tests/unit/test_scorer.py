@@ -176,7 +176,7 @@ def test_teacher_worker_forwards_topk_to_the_learner(model_path: Path) -> None:
 
     from asyncopd.teacher.worker import TeacherWorker
     from asyncopd.transport.sockets import Channel
-    from asyncopd.types import ScoreAck, ScoredRollout
+    from asyncopd.types import ScoreAckBatch, ScoredBatch
 
     scorer = HFScorer(str(model_path), top_k=K)
     worker = TeacherWorker(scorer, index=0, host="127.0.0.1", max_batch_tokens=256)
@@ -188,13 +188,13 @@ def test_teacher_worker_forwards_topk_to_the_learner(model_path: Path) -> None:
         actor.send(rollout)
         worker.serve_once(timeout_s=5.0)
         received = learner.recv(timeout_s=5.0)
-        assert received is not None and isinstance(received[1], ScoredRollout)
-        scored, want = received[1], scorer.score([rollout])[0]
+        assert received is not None and isinstance(received[1], ScoredBatch)
+        (scored,), want = received[1].scored, scorer.score([rollout])[0]
         assert scored.rollout.student_topk_ids.shape == (5, K)
         np.testing.assert_array_equal(scored.topk_ids, want.topk_ids)
         np.testing.assert_array_equal(scored.topk_logprobs, want.topk_logprobs)
         ack = actor.recv(timeout_s=5.0)
-        assert isinstance(ack[1], ScoreAck) and ack[1].ok
+        assert isinstance(ack[1], ScoreAckBatch) and [a.ok for a in ack[1].acks] == [True]
     finally:
         for channel in (actor, learner):
             channel.close()

@@ -10,7 +10,7 @@ import pytest
 from asyncopd.actor.teachers import TeacherPoolClient
 from asyncopd.config import TeacherConfig
 from asyncopd.transport.pool import TeacherPool
-from asyncopd.types import Heartbeat, Rollout, ScoreAck
+from asyncopd.types import Heartbeat, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch
 
 
 class Clock:
@@ -32,7 +32,10 @@ class FakeDealer:
         self.sent.append(message)
 
     def rollouts(self) -> list[str]:
-        return [m.rollout_id for m in self.sent if isinstance(m, Rollout)]
+        return [r.rollout_id for m in self.sent if isinstance(m, RolloutBatch) for r in m.rollouts]
+
+    def batches(self) -> list[list[str]]:
+        return [[r.rollout_id for r in m.rollouts] for m in self.sent if isinstance(m, RolloutBatch)]
 
     def close(self) -> None:
         pass
@@ -152,6 +155,7 @@ def test_frozen_teacher_is_routed_around_and_its_rollouts_are_resent_to_the_othe
     client, dealers, clock = make_client()
     for i in range(4):
         client.send(rollout(f"r{i}"), request=f"slot{i}")
+    client.flush()
     assert dealers[0].rollouts() == ["r0", "r2"] and dealers[1].rollouts() == ["r1", "r3"]
     client.tick()  # first heartbeats
     clock.now += 0.5
@@ -164,8 +168,10 @@ def test_frozen_teacher_is_routed_around_and_its_rollouts_are_resent_to_the_othe
         client.handle(1, Heartbeat(policy_version=0, sent_at=clock.now))
     assert client.pool.silent() == [0]
     assert dealers[1].rollouts() == ["r1", "r3", "r0", "r2"]  # resent at once, not after 60 s
+    assert dealers[1].batches() == [["r1", "r3"], ["r0", "r2"]]  # the resend is one frame
     assert client.num_retries == 2
     client.send(rollout("r4"), request="slot4")
+    client.flush()
     assert dealers[1].rollouts()[-1] == "r4"
     for rid in ("r3", "r0", "r2", "r4"):
         client.handle(1, ScoreAck(rollout_id=rid, ok=True, policy_version=0))
@@ -174,6 +180,7 @@ def test_frozen_teacher_is_routed_around_and_its_rollouts_are_resent_to_the_othe
     client.handle(0, ScoreAck(rollout_id="r0", ok=True, policy_version=0))
     assert client.pool.healthy() == [0, 1]
     client.send(rollout("r5"), request="slot5")
+    client.flush()
     assert dealers[0].rollouts()[-1] == "r5"
     assert client.num_unscored == 0
 
@@ -184,6 +191,7 @@ def test_a_busy_single_teacher_keeps_its_rollouts_until_their_deadline() -> None
     client, dealers, clock = make_client(1, request_timeout_s=60.0, max_retries=1)
     for i in range(3):
         client.send(rollout(f"r{i}"), request=f"slot{i}")
+    client.flush()
     for _ in range(30):
         clock.now += 1.0
         assert client.tick() == []
@@ -214,6 +222,7 @@ def test_a_colocated_teacher_busy_training_is_never_marked_silent() -> None:
 def test_a_failed_score_is_retried_on_the_other_teacher_then_dropped_for_resampling() -> None:
     client, dealers, clock = make_client(max_retries=1)
     client.send(rollout("r0"), request="slot0")
+    client.flush()
     assert dealers[0].rollouts() == ["r0"]
     assert client.handle(0, ScoreAck(rollout_id="r0", ok=False, policy_version=0, error="boom")) == []
     assert dealers[1].rollouts() == ["r0"]
@@ -239,6 +248,47 @@ def test_on_failure_fail_names_the_teachers_tried() -> None:
         for _ in range(3):
             client.handle(1, Heartbeat(policy_version=0, sent_at=clock.now))
             client.tick()
+
+
+def test_one_engine_step_leaves_as_one_batch_per_teacher() -> None:
+    client, dealers, clock = make_client()
+    for i in range(5):
+        client.send(rollout(f"r{i}"), request=f"slot{i}")
+    assert dealers[0].sent == [] and dealers[1].sent == []  # queued until the step's flush
+    assert set(client.unacked) == {f"r{i}" for i in range(5)}  # deadlines run from send()
+    assert client.flush() == 2
+    assert dealers[0].batches() == [["r0", "r2", "r4"]] and dealers[1].batches() == [["r1", "r3"]]
+    assert [m.policy_version for m in dealers[0].sent] == [0]
+    assert client.flush() == 0 and len(dealers[0].sent) == 1  # nothing queued: nothing sent
+
+
+def test_an_ack_batch_settles_each_rollout_on_its_own() -> None:
+    client, dealers, clock = make_client(max_retries=1)
+    for i in range(3):
+        client.send(rollout(f"r{i}"), request=f"slot{i}")
+    client.flush()
+    assert dealers[0].batches() == [["r0", "r2"]] and dealers[1].batches() == [["r1"]]
+    acks = ScoreAckBatch.of([ScoreAck(rollout_id="r0", ok=True, policy_version=0),
+                             ScoreAck(rollout_id="r2", ok=False, policy_version=0, error="boom")])
+    assert client.handle(0, acks) == []
+    assert set(client.unacked) == {"r1", "r2"}  # r1 still awaited, r2 retried on the other teacher
+    assert dealers[1].batches() == [["r1"], ["r2"]] and client.num_retries == 1  # sent before handle() returned
+    acks = ScoreAckBatch.of([ScoreAck(rollout_id="r1", ok=True, policy_version=0),
+                             ScoreAck(rollout_id="r2", ok=False, policy_version=0, error="boom")])
+    assert client.handle(1, acks) == ["slot2"]  # out of retries: its slot is sampled again
+    assert client.num_unscored == 1 and client.unacked == {}
+
+
+def test_an_empty_ack_batch_still_shows_the_teacher_alive() -> None:
+    """Every ack in it was malformed and dropped by the channel: the teacher still answered."""
+    client, dealers, clock = make_client(silence_timeout_s=10.0)
+    client.send(rollout("r0"), request="slot0")
+    client.flush()
+    clock.now += 9.0
+    client.handle(0, ScoreAckBatch.of([]))
+    clock.now += 9.0
+    client.tick()
+    assert client.pool.silent() == [] and set(client.unacked) == {"r0"}
 
 
 def test_heartbeats_go_to_every_teacher_each_interval() -> None:
