@@ -182,6 +182,12 @@ def test_behaviour_topk_ids_match_hf_forward(state: EngineState) -> None:
     assert sampled_outside > 0, "no sampled token ranked below the top-k; the test did not exercise that case"
 
 
+def test_weights_load_in_place_with_plain_gemm_and_reload_when_packed(state: EngineState) -> None:
+    # plain: vLLM's linear layers multiply with their live weights (checked on the model,
+    # so a vLLM that packs them anyway falls back to the reload and fails this test).
+    assert state.engine.weight_loader == {"plain": "in_place", "packed": "reload"}[state.cfg.cpu_gemm]
+
+
 def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) -> None:
     engine, old = state.engine, state.reference
     new = perturbed(old, seed=10)
