@@ -11,7 +11,7 @@ that looks at the platform and at how the model multiplies):
     nothing derived from the weights (a packed kernel, a quantized copy) has to be
     rebuilt, and the layerwise reload's re-materialisation of every layer and its
     rerun of ``process_weights_after_loading`` are pure overhead (the demo actor's
-    load: 0.0135 -> 0.0027 core-s per update).
+    load: 0.0102 -> 0.0022 core-s per update, bench/results/actor_cpu.txt).
 ``reload``
     vLLM's layerwise ``reload_weights``: layers restored from recorded metadata, the
     weights loaded, ``process_weights_after_loading`` run again. Needed wherever a
