@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asyncopd.actor.completions import Completion, PendingRequest
+from asyncopd.actor.completions import Completion, Finished, PendingRequest, complete_all
 from asyncopd.actor.vllm_setup import (build_engine, check_environment, describe_model, engine_environment,
                                        fix_malloc_mmap_threshold,
                                        max_batched_tokens, sampling_params_factory)
@@ -193,7 +193,7 @@ class VllmEngine:
             # RequestOutputKind.FINAL_ONLY, no per-step output objects).
             self._engine.set_weight_version(str(policy_version))
             self._tagged_version = policy_version
-        finished: list[Completion] = []
+        finished: list[Finished] = []
         for output in self._engine.step():
             pending = self._pending.get(output.request_id)
             if pending is None or not output.finished:  # the warm-up request, or one aborted meanwhile
@@ -201,9 +201,9 @@ class VllmEngine:
             del self._pending[output.request_id]
             sample = output.outputs[0]
             spans = [(span.version, span.start) for span in sample.weight_versions or ()]
-            finished.append(pending.complete(output.request_id, str(sample.finish_reason), sample.token_ids,
-                                             sample.logprobs, spans, output.prompt_logprobs))
-        return finished
+            finished.append(Finished(output.request_id, pending, str(sample.finish_reason), sample.token_ids,
+                                     sample.logprobs, spans, output.prompt_logprobs))
+        return complete_all(finished) if finished else []
 
     def abort(self, request_id: str) -> Completion:
         """Stop a request in flight and return what it generated so far (finish_reason "abort")."""
