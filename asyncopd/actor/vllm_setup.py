@@ -7,7 +7,7 @@ launcher sets (:func:`engine_environment`), the checks of this process
 device-dependent ones come from :func:`asyncopd.placement.vllm_device_args`), the
 model's parameter shapes read from its config (:func:`describe_model`) and the
 ``SamplingParams`` of every request (:func:`sampling_params_factory`). It also
-silences two vLLM log records that would bury the console.
+silences three vLLM log records that would bury the console.
 
 On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
 vLLM would rewind a split request's seeded generator, which CPU generators cannot
@@ -63,6 +63,19 @@ class _ChunkedPrefillOffFilter(logging.Filter):
 
 
 logging.getLogger("vllm.engine.arg_utils").addFilter(_ChunkedPrefillOffFilter())
+
+
+class _PrefixCacheResetFilter(logging.Filter):
+    """vLLM logs "Successfully reset prefix cache" at every reset, and the engine resets
+    after every weight load (the KV of the old weights must go): one console line per
+    policy version, and the costliest part of the reset (formatting and writing the
+    record). A failed reset still warns, and the engine raises on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Successfully reset prefix cache"
+
+
+logging.getLogger("vllm.v1.core.block_pool").addFilter(_PrefixCacheResetFilter())
 
 def engine_environment(threads: int, *, onednn_cache_capacity: int | None = None) -> dict[str, str]:
     """Environment variables the launcher sets before a :class:`VllmEngine` is built.
