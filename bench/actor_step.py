@@ -7,8 +7,9 @@ demo's, or SmolLM2's with ``--config-name smollm2``) exactly as a job configures
 :class:`~asyncopd.actor.worker.ActorLoop` seeds them), step the engine until every
 request finished, turn each completion into the :class:`~asyncopd.types.Rollout` the
 actor ships (decode, reward, msgpack encode) and load new weights (a slightly changed
-copy of the student each step, through :meth:`VllmEngine.load_weights`, i.e. vLLM's
-layerwise reload as in a job; the job receives them over gloo instead). Prints process
+copy of the student each step, through :meth:`VllmEngine.load_weights`, i.e. the
+loader a job's actor uses (asyncopd.actor.weight_loading; the job receives the tensors
+over gloo instead). Prints process
 CPU seconds per step for each phase over the steps after ``--warmup``, and a digest of
 every sampled token, log-prob and top-k id, so that an A/B of an engine change shows
 both the cost and that the samples did not change. No sockets, no other roles.

@@ -6,18 +6,21 @@ every position (the sampled token first, then the top-k with ranks 1..k) and the
 (weight version, first token) spans that vLLM labels tokens with. :class:`PendingRequest`
 turns that record into a :class:`Completion` of numpy arrays, checking the layout for
 all positions at once, so that a change of vLLM's layout fails loudly instead of
-feeding wrong ids to the teacher. Pure: no vLLM import, no engine state.
+feeding wrong ids to the teacher. :func:`complete_all` does the same for every request
+that finished in one engine step with one conversion per array for all of them (a
+128-sample step's requests mostly finish together; converting them one by one was ~4%
+of the actor's CPU). Pure: no vLLM import, no engine state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Completion", "PendingRequest"]
+__all__ = ["Completion", "Finished", "PendingRequest", "complete_all"]
 
 
 @dataclass(slots=True)
@@ -76,6 +79,81 @@ class PendingRequest:
                           finish_reason=finish_reason, topk_ids=topk_ids)
 
 
+class Finished(NamedTuple):
+    """vLLM's record of one finished request, as :meth:`PendingRequest.complete` takes it."""
+
+    request_id: str
+    pending: PendingRequest
+    finish_reason: str
+    token_ids: Sequence[int]
+    flat: Any
+    """The FlatLogprobs of the generated positions."""
+    version_starts: Sequence[tuple[str, int]]
+    prompt_flat: Any = None
+
+
+def complete_all(finished: Sequence[Finished]) -> list[Completion]:
+    """:meth:`PendingRequest.complete` of every record, in order, the same arrays (the
+    per-request ones are views into one array per top-k width); sampled requests of one
+    top-k width are converted and checked together."""
+    done: list[Completion | None] = [None] * len(finished)
+    by_width: dict[int, list[int]] = {}
+    for i, record in enumerate(finished):
+        if record.pending.scored is not None or len(record.token_ids) == 0:
+            done[i] = record.pending.complete(record.request_id, record.finish_reason, record.token_ids, record.flat,
+                                              record.version_starts, record.prompt_flat)
+        else:
+            by_width.setdefault(record.pending.top_k, []).append(i)
+    for top_k, indices in by_width.items():
+        for i, completion in zip(indices, _complete_sampled([finished[i] for i in indices], top_k)):
+            done[i] = completion
+    return done  # type: ignore[return-value]
+
+
+def _complete_sampled(records: list[Finished], top_k: int) -> list[Completion]:
+    """Completions of sampled requests with ``top_k`` ids per position and at least one
+    token each, converted as one array per field; a record of another layout is
+    handed to the per-request path, whose error names it."""
+    width = top_k + 1
+    lengths, ids, table, logprobs, ranks, starts, labels, counts = [], [], [], [], [], [], [], []
+    for record in records:
+        n, flat = len(record.token_ids), record.flat
+        if flat is None or len(flat.token_ids) != n * width or len(flat) != n:
+            _sampled_logprobs(record.token_ids, flat, top_k, record.request_id)  # raises, naming it
+        lengths.append(n)
+        ids += record.token_ids
+        table += flat.token_ids
+        logprobs += flat.logprobs
+        ranks += flat.ranks
+        starts += flat.start_indices
+        for (label, start), end in _spans(record.version_starts, n, record.request_id):
+            labels.append(int(label))
+            counts.append(end - start)
+    total = len(ids)
+    ids_array = np.asarray(ids, dtype=np.int32)
+    table_array = np.asarray(table, dtype=np.int32).reshape(total, width)
+    ranks_array = np.asarray(ranks, dtype=np.int64).reshape(total, width)[:, 1:]
+    offsets = np.repeat(np.cumsum([0, *lengths[:-1]]), lengths)
+    if (not np.array_equal(np.asarray(starts, dtype=np.int64), (np.arange(total) - offsets) * width)
+            or not np.array_equal(table_array[:, 0], ids_array)
+            or not (ranks_array == np.arange(1, width, dtype=np.int64)).all()):
+        for record in records:  # find the record and name it
+            _sampled_logprobs(record.token_ids, record.flat, top_k, record.request_id)
+        raise AssertionError("a layout error was found in the batch but in none of its records")
+    logprobs_array = np.ascontiguousarray(np.asarray(logprobs, dtype=np.float32).reshape(total, width)[:, 0])
+    topk_array = np.ascontiguousarray(table_array[:, 1:]) if top_k else None
+    versions = np.repeat(np.asarray(labels, dtype=np.int32), counts)
+    completions, start = [], 0
+    for record, n in zip(records, lengths):
+        end = start + n
+        completions.append(Completion(
+            request_id=record.request_id, token_ids=ids_array[start:end], logprobs=logprobs_array[start:end],
+            token_policy_versions=versions[start:end], finish_reason=record.finish_reason,
+            topk_ids=None if topk_array is None else topk_array[start:end]))
+        start = end
+    return completions
+
+
 def _sampled_logprobs(token_ids: Sequence[int], flat: Any, top_k: int,
                       request_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(ids int32 [n], behaviour log-probs float32 [n], top-k ids int32 [n, k] or None)
@@ -127,12 +205,16 @@ def _policy_versions(starts: Sequence[tuple[str, int]], n: int, request_id: str)
     """int32 [n]: each token's policy_version, from vLLM's (weight version label, first
     token) spans (labels are the policy versions :meth:`VllmEngine.step` set)."""
     versions = np.empty(n, dtype=np.int32)
+    for (label, start), end in _spans(starts, n, request_id):
+        versions[start:end] = int(label)
+    return versions
+
+
+def _spans(starts: Sequence[tuple[str, int]], n: int, request_id: str) -> list[tuple[tuple[str, int], int]]:
+    """((label, first token), end) of every span of n tokens; none for n = 0."""
     if n == 0:
-        return versions
+        return []
     if not starts or starts[0][1] != 0:
         raise RuntimeError(f"vLLM reported no weight version for the first tokens of {request_id!r} "
                            f"(spans {list(starts)}); tokens cannot be tagged with their policy_version.")
-    ends = [start for _, start in starts[1:]] + [n]
-    for (label, start), end in zip(starts, ends):
-        versions[start:end] = int(label)
-    return versions
+    return list(zip(starts, [start for _, start in starts[1:]] + [n]))

@@ -15,10 +15,12 @@ position (vLLM ``logprobs=k``), for top-k distillation. :meth:`VllmEngine.add_sc
 scores a given response instead of sampling one (teacher-forced, vLLM
 ``prompt_logprobs``): the evaluation's NLL of the teacher's own samples.
 
-Weights are loaded in place through the worker's ``reload_weights`` (vLLM's
-layerwise reload, the one path that works on the CPU build as well as on CUDA), after
-the whole payload has been checked against the model's parameter names and shapes: a
-reload that fails half-way leaves layers on the meta device and kills the engine.
+Weights are loaded in place, inside the worker, by the loader chosen once per engine
+(:mod:`asyncopd.actor.weight_loading`: vLLM's ``load_weights`` copying into the live
+parameters with ``actor.cpu_gemm=plain`` on CPU, vLLM's layerwise ``reload_weights``
+otherwise), after the whole payload has been checked against the model's parameter
+names and shapes: a reload that fails half-way leaves layers on the meta device and
+kills the engine.
 After every load the KV cache is dropped, and requests in flight are re-prefilled
 with the new weights, so every token is sampled from exactly one policy version.
 In a job, weights arrive by :meth:`VllmEngine.receive_weights`: the engine's worker
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from asyncopd.actor.completions import Completion, PendingRequest
+from asyncopd.actor.completions import Completion, Finished, PendingRequest, complete_all
 from asyncopd.actor.vllm_setup import (build_engine, check_environment, describe_model, engine_environment,
                                        fix_malloc_mmap_threshold,
                                        max_batched_tokens, sampling_params_factory)
@@ -106,6 +108,10 @@ class VllmEngine:
         self._sampling_params = sampling_params_factory(cfg, top_k)
         self.eos_token_id: int | None = self._engine.get_tokenizer().eos_token_id
         """Sampling this token ends a request with finish_reason "stop" (it is returned)."""
+        choices = self._engine.collective_rpc("asyncopd_choose_weight_loader", args=(cfg.cpu_gemm,))
+        self.weight_loader: str = choices[0][0]
+        """How new weights enter the model: "in_place" or "reload" (asyncopd.actor.weight_loading)."""
+        logger.info("weights load %s (%s)", self.weight_loader, choices[0][1])
         self._warm_up()
         self.startup_s = time.perf_counter() - start
         logger.info("vLLM engine for %s ready in %.1f s (max_num_seqs=%d, kv_cache_gib=%g)",
@@ -187,7 +193,7 @@ class VllmEngine:
             # RequestOutputKind.FINAL_ONLY, no per-step output objects).
             self._engine.set_weight_version(str(policy_version))
             self._tagged_version = policy_version
-        finished: list[Completion] = []
+        finished: list[Finished] = []
         for output in self._engine.step():
             pending = self._pending.get(output.request_id)
             if pending is None or not output.finished:  # the warm-up request, or one aborted meanwhile
@@ -195,9 +201,9 @@ class VllmEngine:
             del self._pending[output.request_id]
             sample = output.outputs[0]
             spans = [(span.version, span.start) for span in sample.weight_versions or ()]
-            finished.append(pending.complete(output.request_id, str(sample.finish_reason), sample.token_ids,
-                                             sample.logprobs, spans, output.prompt_logprobs))
-        return finished
+            finished.append(Finished(output.request_id, pending, str(sample.finish_reason), sample.token_ids,
+                                     sample.logprobs, spans, output.prompt_logprobs))
+        return complete_all(finished) if finished else []
 
     def abort(self, request_id: str) -> Completion:
         """Stop a request in flight and return what it generated so far (finish_reason "abort")."""
@@ -230,8 +236,8 @@ class VllmEngine:
         """
         start = time.perf_counter()
         items = self._checked_payload(named_tensors)
-        self._write_weights("weight reload", "restart the actor and check the payload that caused it",
-                            "reload_weights", kwargs={"weights_iterator": iter(items)})
+        self._write_weights("weight load", "restart the actor and check the payload that caused it",
+                            "asyncopd_load_weights", args=(items,))
         elapsed = time.perf_counter() - start
         logger.debug("loaded %d tensors in %.3f s", len(items), elapsed)
         return elapsed

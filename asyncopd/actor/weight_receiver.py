@@ -7,17 +7,19 @@ tensor-parallel worker otherwise). This is the PipelineRL / prime-rl pattern: th
 trainer streams tensors straight into the worker, nothing passes through the
 actor's Python frontend or its host memory.
 
-Per update::
+Per engine, then per update::
 
-    asyncopd_join_weight_group(...)     once: a store client and the weight group member
-    asyncopd_receive_weights(update)    check the plan, then reload_weights over a stream
-                                        that receives bucket after bucket (weights.receive_weights)
+    asyncopd_choose_weight_loader(cpu_gemm)  once: copy in place or reload (actor.weight_loading)
+    asyncopd_join_weight_group(...)          once: a store client and the weight group member
+    asyncopd_receive_weights(update)         check the plan, then load over a stream that
+                                             receives bucket after bucket (weights.receive_weights)
+    asyncopd_load_weights(items)             tensors handed over in-process (VllmEngine.load_weights)
 
 The plan (names, shapes, dtypes of every bucket) is checked against the model's
 Hugging Face parameters *before* anything is received or loaded: a reload that
 fails half-way leaves layers on the meta device and kills the engine. Only one
 bucket is held at a time (plus what vLLM's layerwise reload keeps of an incomplete
-layer). A tied ``lm_head`` is not sent; on vLLM's CPU build, which packs the logits
+layer; an in-place load copies each tensor as it arrives). A tied ``lm_head`` is not sent; on vLLM's CPU build, which packs the logits
 kernel separately from the embedding, the receiver adds it from the embedding
 (shared/notes/vllm-cpu.md); on GPU vLLM ties it itself.
 
@@ -34,6 +36,7 @@ from collections.abc import Iterator
 
 import torch
 
+from asyncopd.actor.weight_loading import LoaderChoice, choose_weight_loader, load_in_place
 from asyncopd.transport import codec
 from asyncopd.transport.weights import WeightGroup, connect_store, receive_weights
 from asyncopd.types import WeightUpdate
@@ -94,6 +97,18 @@ class WeightReceiverExtension:
     shadows a worker attribute.
     """
 
+    def asyncopd_choose_weight_loader(self, cpu_gemm: str) -> tuple[str, str]:
+        """Choose how this worker's model takes new weights (actor.weight_loading), for an
+        engine built with ``actor.cpu_gemm=cpu_gemm``; returns (loader, reason). Until it is
+        called, weights go through vLLM's layerwise reload."""
+        self.asyncopd_loader = choose_weight_loader(self.model_runner.get_model(), cpu_gemm)
+        return self.asyncopd_loader.loader, self.asyncopd_loader.reason
+
+    def asyncopd_load_weights(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        """Load checked ``(HF name, tensor)`` pairs with the chosen loader. The tensors
+        pass by reference only with the engine in-process (VllmEngine's setting)."""
+        self._asyncopd_load(iter(items))
+
     def asyncopd_join_weight_group(self, store_host: str, store_port: int, prefix: str, first_group_rank: int,
                                    group_size: int, timeout_s: float, carrier: str) -> int:
         """Join the weight group as member ``first_group_rank + <this worker's TP rank>``.
@@ -120,14 +135,21 @@ class WeightReceiverExtension:
 
     def asyncopd_receive_weights(self, update_bytes: bytes) -> float:
         """Receive ``update`` (a msgpack-encoded WeightUpdate) bucket by bucket into the
-        model through vLLM's layerwise ``reload_weights``; returns seconds. Call only
-        after :meth:`asyncopd_check_update` found no problem."""
+        model with the chosen loader; returns seconds. Call only after
+        :meth:`asyncopd_check_update` found no problem."""
         start = time.perf_counter()
         update = _decode(update_bytes)
-        self.reload_weights(weights_iterator=self._asyncopd_stream(update))
+        self._asyncopd_load(self._asyncopd_stream(update))
         if self.asyncopd_weight_group.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+    def _asyncopd_load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        choice: LoaderChoice | None = getattr(self, "asyncopd_loader", None)
+        if choice is not None and choice.loader == "in_place":
+            load_in_place(self.model_runner.get_model(), choice, weights)
+        else:
+            self.reload_weights(weights_iterator=weights)
 
     def _asyncopd_stream(self, update: WeightUpdate) -> Iterator[tuple[str, torch.Tensor]]:
         sent_head = False

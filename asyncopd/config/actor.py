@@ -50,7 +50,10 @@ class ActorConfig:
     None: oneDNN's default; 0: no cache (a compilation per GEMM)."""
     cpu_gemm: Literal["packed", "plain"] = "plain"
     """On CPU: how the engine's linear layers multiply. ``plain``: torch's own ``linear``
-    on the weights as loaded, nothing to rebuild when weights change. ``packed``: vLLM's
+    on the weights as loaded, nothing to rebuild when weights change, so new weights are
+    copied into the live parameters (asyncopd/actor/weight_loading.py; the demo actor's
+    load 0.0102 -> 0.0022 core-s per update against vLLM's layerwise reload,
+    bench/results/actor_cpu.txt). ``packed``: vLLM's
     default, each weight reordered into a oneDNN kernel handle at load and again at every
     weight update (~0.4-2.5 ms a layer, the handle's kernels compiled anew). Measured
     (bench/results/vs_trl.txt, soak.txt): on the demo plain cut the actor's CPU per

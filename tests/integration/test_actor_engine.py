@@ -182,6 +182,23 @@ def test_behaviour_topk_ids_match_hf_forward(state: EngineState) -> None:
     assert sampled_outside > 0, "no sampled token ranked below the top-k; the test did not exercise that case"
 
 
+def test_weights_load_in_place_with_plain_gemm_and_reload_when_packed(state: EngineState) -> None:
+    # plain: vLLM's linear layers multiply with their live weights (checked on the model,
+    # so a vLLM that packs them anyway falls back to the reload and fails this test).
+    assert state.engine.weight_loader == {"plain": "in_place", "packed": "reload"}[state.cfg.cpu_gemm]
+
+
+def test_requests_stop_at_the_tokenizers_eos_with_the_cached_id(state: EngineState) -> None:
+    """vLLM's per-request EOS lookup is answered from a cache (vllm_setup); it must be the
+    tokenizer's id, and sampling it must end the request."""
+    engine = state.engine
+    assert engine._engine.input_processor.renderer.get_eos_token_id() == engine.eos_token_id is not None
+    batch = prompts(48, seed=30)
+    stopped = [c for c in generate(engine, batch, "eos", seed=300, policy_version=0) if c.finish_reason == "stop"]
+    assert stopped, "no request sampled EOS; the test did not exercise the stop"
+    assert all(c.token_ids[-1] == engine.eos_token_id for c in stopped)
+
+
 def test_load_weights_changes_the_policy_to_the_new_weights(state: EngineState) -> None:
     engine, old = state.engine, state.reference
     new = perturbed(old, seed=10)

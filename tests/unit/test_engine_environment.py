@@ -27,3 +27,17 @@ def test_none_leaves_onednn_at_its_own_default() -> None:
 def test_a_negative_capacity_is_refused_with_the_fix() -> None:
     with pytest.raises(Exception, match=r"actor\.onednn_cache_capacity=-1: must be >= 0"):
         from_dict({"actor": {"onednn_cache_capacity": -1}})
+
+
+def test_the_per_update_prefix_cache_reset_line_is_dropped_and_its_failure_kept() -> None:
+    import logging
+
+    import asyncopd.actor.vllm_setup  # noqa: F401  (installs the filters)
+
+    logger = logging.getLogger("vllm.v1.core.block_pool")
+
+    def record(message: str, *args: object) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.INFO, __file__, 1, message, args, None)
+
+    assert not logger.filter(record("Successfully reset prefix cache"))
+    assert logger.filter(record("Failed to reset prefix cache because some blocks (%d) are not freed yet", 3))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from asyncopd.actor.completions import PendingRequest, _policy_versions
+from asyncopd.actor.completions import Completion, Finished, PendingRequest, _policy_versions, complete_all
 
 
 @dataclass
@@ -108,3 +108,49 @@ def test_scoring_keeps_the_response_logprobs_and_an_early_abort_returns_nothing(
     assert aborted.finish_reason == "abort" and aborted.token_ids.size == aborted.logprobs.size == 0
     with pytest.raises(RuntimeError, match="expected 4"):
         pending.complete("f", "length", [0], Flat(), [("3", 0)], None)
+
+
+def assert_same(got: Completion, want: Completion) -> None:
+    assert (got.request_id, got.finish_reason) == (want.request_id, want.finish_reason)
+    for field_name in ("token_ids", "logprobs", "token_policy_versions", "topk_ids"):
+        a, b = getattr(got, field_name), getattr(want, field_name)
+        if b is None:
+            assert a is None, field_name
+        else:
+            assert a.dtype == b.dtype and a.flags.c_contiguous, field_name
+            np.testing.assert_array_equal(a, b, err_msg=field_name)
+
+
+def test_a_step_of_requests_converted_together_equals_one_by_one() -> None:
+    """Several top-k widths, lengths, a weight load inside one request, a scored request
+    and an abort before the first token, in one step's order."""
+    records = []
+    for i, (sampled, top_k, spans) in enumerate([([5, 9, 9, 2], 3, [("4", 0)]), ([7], 3, [("4", 0)]),
+                                                 ([3, 4], 0, [("4", 0)]), ([1, 2, 3, 4, 5], 3, [("4", 0), ("5", 2)]),
+                                                 ([], 3, [])]):
+        flat = sampled_record(sampled, top_k, seed=i)[0] if sampled else None
+        records.append(Finished(f"r{i}", PendingRequest(top_k=top_k), "stop", sampled, flat, spans))
+    scored = Flat()
+    scored.add([], [], [])
+    scored.add([8], [-0.25], [1])
+    records.insert(2, Finished("s", PendingRequest(top_k=0, scored=(1, [3, 8])), "length", [0], Flat(), [("4", 0)],
+                               scored))
+    together = complete_all(records)
+    assert [c.request_id for c in together] == [r.request_id for r in records]
+    for got, record in zip(together, records):
+        assert_same(got, record.pending.complete(record.request_id, record.finish_reason, record.token_ids,
+                                                 record.flat, record.version_starts, record.prompt_flat))
+    assert together[4].token_policy_versions.tolist() == [4, 4, 5, 5, 5]
+
+
+def test_a_bad_record_among_good_ones_is_refused_by_name() -> None:
+    good = [Finished(f"ok{i}", PendingRequest(top_k=2), "stop", [5, 9], sampled_record([5, 9], 2, seed=i)[0],
+                     [("0", 0)]) for i in range(3)]
+    bad_rank = sampled_record([5, 9], top_k=2)[0]
+    bad_rank.ranks[5] = 1  # position 1's second top-k entry ranked 1 again
+    with pytest.raises(RuntimeError, match="'bad' do not hold each sampled token"):
+        complete_all([*good[:2], Finished("bad", PendingRequest(top_k=2), "stop", [5, 9], bad_rank, [("0", 0)]),
+                      good[2]])
+    short = sampled_record([5, 9], top_k=1)[0]  # logprobs=1 instead of 2
+    with pytest.raises(RuntimeError, match="'short' without 3 log-probs"):
+        complete_all([good[0], Finished("short", PendingRequest(top_k=2), "stop", [5, 9], short, [("0", 0)])])
