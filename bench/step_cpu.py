@@ -46,7 +46,9 @@ def learner_steps(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "timing/step_s" in r]
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]  # the last may be half-written
+    return [r for r in map(json.loads, lines) if "timing/step_s" in r]
 
 
 def main() -> int:

@@ -19,9 +19,11 @@ class AsyncConfig:
     """eta: the learner never trains on a sample whose oldest token was generated more
     than eta optimiser steps ago. 0 = synchronous on-policy, 1 = off-by-one."""
     schedule: Literal["bounded", "fixed_lag"] = "bounded"
-    """"bounded": actors run free, take new weights between engine steps (in flight)
-    and stop admitting prompts that would exceed eta. "fixed_lag": batch k is
-    generated entirely by policy version k-eta (deterministic, for ablations)."""
+    """"bounded": actors run free, take new weights between engine steps (in flight,
+    but not while requests of the step the update makes due are running: the learner
+    trains that step next) and stop admitting prompts that would exceed eta.
+    "fixed_lag": batch k is generated entirely by policy version k-eta (deterministic,
+    for ablations)."""
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0:

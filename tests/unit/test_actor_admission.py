@@ -19,13 +19,15 @@ from asyncopd.types import Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, Shutd
 
 
 class FakeEngine:
-    """Stands in for VllmEngine: requests finish only when `finish_all` is set."""
+    """Stands in for VllmEngine: requests finish only when `finish_all` is set, and
+    never those named in `keep`."""
 
     def __init__(self) -> None:
         self.pending: dict[str, list[int]] = {}
         self.added: list[str] = []
         self.loaded_versions = 0
         self.finish_all = True
+        self.keep: set[str] = set()
         self.scoring: dict[str, tuple[list[int], np.ndarray]] = {}
 
     def add(self, request_id, prompt_ids, *, greedy=False, seed=None, temperature=None) -> None:
@@ -47,6 +49,8 @@ class FakeEngine:
             tokens.append(policy_version)
         if not self.finish_all:
             return []
+        kept = {rid: v for rid, v in self.pending.items() if rid in self.keep}
+        self.pending = {rid: v for rid, v in self.pending.items() if rid not in self.keep}
         done = [Completion(request_id=rid, token_ids=np.array([7, 1], np.int32)[: len(v) + 1][-2:],
                            logprobs=np.full(2, -0.5, np.float32),
                            token_policy_versions=np.array([v[0], v[-1]], np.int32), finish_reason="stop")
@@ -56,7 +60,7 @@ class FakeEngine:
                             token_policy_versions=np.full(len(self.scoring[rid][1]), v[0], np.int32),
                             finish_reason="scored")
                  for rid, v in self.pending.items() if rid in self.scoring]
-        self.pending.clear()
+        self.pending = kept
         return done
 
     def receive_weights(self, update) -> float:
@@ -147,6 +151,38 @@ def test_fixed_lag_takes_new_weights_only_between_batches() -> None:
     rollouts = drain_rollouts(teacher)
     assert {(r.batch_index, r.policy_version) for r in rollouts} >= {(0, 0), (1, 0), (2, 1)}
     assert all(int(r.token_policy_versions.max()) == r.policy_version for r in rollouts)
+
+
+def test_bounded_update_waits_for_the_step_it_makes_due_then_loads_in_flight() -> None:
+    """An update to version v does not re-prefill requests of steps <= v (the learner
+    trains step v next and would wait for them); later steps take it in flight."""
+    loop, engine, control, teacher = make_loop(2, "bounded")
+    engine.finish_all = False
+    push_weights(loop, control, 0)
+    loop.run_once(0.01)
+    batches = {r.batch_index for r in loop.inflight.values()}
+    assert batches == {0, 1, 2}  # eta = 2: up to two steps ahead
+    control.send(WeightUpdate(policy_version=1, buckets=[]))
+    deadline = time.monotonic() + 5
+    while not loop.pending_updates and time.monotonic() < deadline:
+        loop.run_once(0.01)
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert loop.pending_updates and loop.policy_version == 0  # steps 0 and 1 still running
+    assert engine.loaded_versions == 1
+    engine.keep = {rid for rid, r in loop.inflight.items() if r.batch_index == 2}
+    engine.finish_all = True
+    for _ in range(5):
+        loop.run_once(0.01)
+    assert loop.policy_version == 1 and engine.loaded_versions == 2  # loaded with step 2 in flight
+    assert engine.keep <= set(loop.inflight)
+    engine.keep = set()
+    for _ in range(5):
+        loop.run_once(0.01)
+    rollouts = drain_rollouts(teacher)
+    step2 = [r for r in rollouts if r.batch_index == 2]
+    assert step2 and all(r.policy_version == 0 and int(r.token_policy_versions.max()) == 1 for r in step2)
+    assert all(int(r.token_policy_versions.max()) == 0 for r in rollouts if r.batch_index <= 1)
 
 
 def test_unscored_rollout_is_resampled_for_the_same_slot() -> None:
