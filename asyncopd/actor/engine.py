@@ -210,8 +210,11 @@ class VllmEngine:
         pending = self._pending.pop(request_id, None)
         if pending is None:
             raise KeyError(f"request {request_id!r} is not in flight (finished, aborted or never added).")
-        # vLLM's record of the request so far (FINAL_ONLY: nothing was reported yet).
-        state = self._engine.output_processor.request_states.get(request_id)
+        # vLLM's record of the request so far (FINAL_ONLY: nothing was reported yet), kept
+        # under vLLM's internal id (ours plus a random suffix).
+        processor = self._engine.output_processor
+        internal_ids = processor.external_req_ids.get(request_id) or [request_id]
+        state = processor.request_states.get(internal_ids[-1])
         if state is None:
             token_ids, flat, starts, prompt_flat = [], None, [], None
         else:

@@ -316,9 +316,9 @@ def test_bad_payload_is_refused_before_loading_and_engine_survives(state: Engine
 def test_abort_returns_partial_completion(state: EngineState) -> None:
     engine = state.engine
     engine.add("to-abort", prompts(1, seed=8)[0], seed=1)
-    engine.step(policy_version=9)
+    engine.step(policy_version=9)  # prefill and the first token
     partial = engine.abort("to-abort")
-    assert partial.finish_reason == "abort"
+    assert partial.finish_reason == "abort" and len(partial.token_ids) == 1
     assert partial.token_policy_versions.tolist() == [9] * len(partial.token_ids)
     assert partial.topk_ids.shape == (len(partial.token_ids), TOP_K)
     assert engine.num_unfinished == 0
