@@ -16,9 +16,9 @@ samples from this actor, whole prompt groups at a time; the actor stamps them
   between engine steps, with requests in flight (their later tokens carry the
   new version), except while requests of a step the update makes due are in
   flight (``k <= update.policy_version``): the learner trains that step next, and
-  a load would re-prefill its requests and make the learner wait for them (on the
-  demo: a mid-batch load and the next batch's prefill ahead of the last tokens
-  the learner needs, ~70 ms of a ~135 ms step);
+  a load would re-prefill its requests and make the learner wait for them (traced
+  on the demo: a mid-batch load, then the next batch's prefill ahead of the last
+  tokens the learner needed; it waited longer for them than it trained);
 - ``fixed_lag``: ``max(0, k - max_staleness) <= policy_version``, and new weights
   are taken only when nothing is in flight and the next step needs them, so step
   ``k`` is generated entirely by version ``k - max_staleness``.
