@@ -27,6 +27,7 @@ job), so they compare dtypes by identity first and take small minima in Python.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, Union
 
 import msgspec
@@ -260,6 +261,16 @@ class ScoreAckBatch(msgspec.Struct, tag=True, kw_only=True, frozen=True):
     @classmethod
     def of(cls, acks: list[ScoreAck]) -> ScoreAckBatch:
         return cls(policy_version=min([a.policy_version for a in acks], default=0), acks=acks)
+
+    @classmethod
+    def per_sender(cls, received: Iterable[tuple[bytes, Rollout]], error: str | None) -> dict[bytes, ScoreAckBatch]:
+        """One batch per sender identity acknowledging its rollouts in ``received``:
+        scored (``error`` None) or not (``error`` says why)."""
+        acks: dict[bytes, list[ScoreAck]] = {}
+        for identity, rollout in received:
+            acks.setdefault(identity, []).append(ScoreAck(rollout_id=rollout.rollout_id, ok=error is None,
+                                                          policy_version=rollout.policy_version, error=error))
+        return {identity: cls.of(batch) for identity, batch in acks.items()}
 
 
 class ScoredBatch(msgspec.Struct, tag=True, kw_only=True, frozen=True):

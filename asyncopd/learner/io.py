@@ -37,7 +37,7 @@ from asyncopd.learner.evaluation import EvalAccumulator
 from asyncopd.learner.teacher import placeholder_teacher_logprobs
 from asyncopd.transport.discovery import Rendezvous
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import (ActorStats, Heartbeat, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, ScoredBatch,
+from asyncopd.types import (ActorStats, Heartbeat, Rollout, RolloutBatch, ScoreAckBatch, ScoredBatch,
                             ScoredRollout, Shutdown, WeightUpdate)
 
 __all__ = ["LearnerIO"]
@@ -157,12 +157,8 @@ class LearnerIO:
     def _ack(self, received: list[tuple[bytes, Rollout]], error: str | None) -> None:
         """One ScoreAckBatch per actor for its rollouts in ``received`` (``error``: not scored)."""
         assert self.rollouts is not None
-        acks: dict[bytes, list[ScoreAck]] = {}
-        for identity, rollout in received:
-            acks.setdefault(identity, []).append(ScoreAck(rollout_id=rollout.rollout_id, ok=error is None,
-                                                          policy_version=rollout.policy_version, error=error))
-        for identity, batch in acks.items():
-            self.rollouts.send(ScoreAckBatch.of(batch), identity=identity)
+        for identity, batch in ScoreAckBatch.per_sender(received, error).items():
+            self.rollouts.send(batch, identity=identity)
 
     def wait_batch(self, step: int) -> list[ScoredRollout]:
         stall = _StallTimer(self.cfg.learner.batch_timeout_s)

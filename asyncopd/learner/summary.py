@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from asyncopd.buffer import BufferStats
 from asyncopd.config import JobConfig
 from asyncopd.quality import Verdict
 
@@ -29,11 +28,11 @@ SUMMARY_EVAL_KEYS = ("eval/accuracy", "eval/rkl", "eval/teacher_sample_nll", "ev
 
 
 def run_summary(cfg: JobConfig, *, before: dict[str, float], after: dict[str, float], verdict: Verdict,
-                stats: BufferStats, actor_metrics: dict[str, Any], counters: dict[str, Any]) -> dict[str, Any]:
+                actor_metrics: dict[str, Any], counters: dict[str, Any]) -> dict[str, Any]:
     """summary.json's content: the evaluations ``before`` (the run's start) and ``after``
-    (its last policy version), the collapse ``verdict``, the buffer's ``stats``, the
-    actors' cumulative metrics and the learner's ``counters`` (samples, versions, resumes,
-    wall times). Non-finite floats become None (strict JSON)."""
+    (its last policy version), the collapse ``verdict``, the actors' cumulative metrics
+    and the learner's ``counters`` (samples, drops, staleness, versions, resumes, wall
+    times). Non-finite floats become None (strict JSON)."""
     summary = {
         "objective": cfg.objective,
         "eval/verdict": verdict.status,
@@ -45,10 +44,6 @@ def run_summary(cfg: JobConfig, *, before: dict[str, float], after: dict[str, fl
         "eval/teacher_self_nll": after.get("eval/teacher_self_nll"),
         "async/max_staleness": cfg.async_.max_staleness,
         "async/schedule": cfg.async_.schedule,
-        "buffer/staleness_max": stats.staleness_max,
-        "samples_dropped_stale": stats.dropped_stale,
-        "samples_dropped_other": stats.dropped_late + stats.dropped_full,
-        "samples_dropped_surplus": stats.dropped_surplus,
         **counters,
         **{k: v for k, v in actor_metrics.items() if k != "actor/tokens_per_s"},
     }

@@ -386,11 +386,14 @@ class Learner:
         return summary
 
     def _summary(self, *, wall_s: float, train_wall_s: float) -> dict[str, Any]:
+        stats = self.io.buffer.stats
         summary = run_summary(
             self.cfg, before=self.evals.get(self.run_start_version, {}),  # the run's true start, across restarts
-            after=self.evals.get(self.policy_version, {}), verdict=self.verdict(), stats=self.io.buffer.stats,
+            after=self.evals.get(self.policy_version, {}), verdict=self.verdict(),
             actor_metrics=self._actor_metrics({}),
-            counters={"samples_trained": self.samples_trained, "policy_version": self.policy_version,
+            counters={"buffer/staleness_max": stats.staleness_max, "samples_dropped_stale": stats.dropped_stale,
+                      "samples_dropped_other": stats.dropped_late + stats.dropped_full,
+                      "samples_dropped_surplus": stats.dropped_surplus, "samples_trained": self.samples_trained, "policy_version": self.policy_version,
                       "start_policy_version": self.start_version, "run_start_policy_version": self.run_start_version,
                       "resumed_from": None if self.resumed_from is None else str(self.resumed_from),
                       "num_resumes": self.num_resumes, "samples_regenerated": self.samples_regenerated,

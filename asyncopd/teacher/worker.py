@@ -32,7 +32,7 @@ from asyncopd.placement import Placement, limit_gpu_memory
 from asyncopd.teacher.scorer import HFScorer, Scorer, split_by_token_budget
 from asyncopd.transport.discovery import Rendezvous, ShutdownWatch
 from asyncopd.transport.sockets import Channel, poll
-from asyncopd.types import (Heartbeat, Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, ScoredBatch, ScoredRollout,
+from asyncopd.types import (Heartbeat, Rollout, RolloutBatch, ScoreAckBatch, ScoredBatch, ScoredRollout,
                             Shutdown)
 
 __all__ = ["TeacherWorker", "run_teacher"]
@@ -125,12 +125,8 @@ class TeacherWorker:
 
     def _acknowledge(self, sender: dict[str, bytes], group: list[Rollout], error: str | None) -> None:
         """One ScoreAckBatch per actor for its rollouts in ``group`` (``error``: not scored)."""
-        acks: dict[bytes, list[ScoreAck]] = {}
-        for r in group:
-            acks.setdefault(sender[r.rollout_id], []).append(
-                ScoreAck(rollout_id=r.rollout_id, ok=error is None, policy_version=r.policy_version, error=error))
-        for identity, batch in acks.items():
-            self.router.send(ScoreAckBatch.of(batch), identity=identity)
+        for identity, batch in ScoreAckBatch.per_sender(((sender[r.rollout_id], r) for r in group), error).items():
+            self.router.send(batch, identity=identity)
 
     def close(self) -> None:
         for channel in (self.router, self.inbox, self.to_learner):
