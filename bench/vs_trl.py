@@ -39,13 +39,17 @@ reaches, and ``common`` (the lowest value every side reaches); the time to each 
 interpolated between snapshots. ``real_time_ratio`` falls back to ``common`` (and says so)
 when a short real run does not halve the start on every side.
 
-Time runs are meant for ``/work/bin/exclusive`` (an otherwise idle 2-core machine).
+Time runs are meant for ``/work/bin/exclusive`` (an otherwise idle 2-core machine). A
+shared machine's speed drifts over minutes, so ``--repeat N`` runs N windows, each side
+once per window with the order rotating (``--out/<task>/w1`` ...), scores each window on
+its own (a snapshot whose bytes another window already scored is not scored again) and
+prints one row per window and the median ratios.
 The last line is ``vs_trl demo_time_ratio <r> real_time_ratio <r>`` with
 ``r = asyncopd time / TRL time`` to half the start (demo: the ``topk`` side; real: the
-``smollm2`` side; ``nan`` where not measured).
+``smollm2`` side; the median over windows; ``nan`` where not measured).
 
 Usage:
-    python bench/vs_trl.py [--task demo|real|both] [--steps N] [--snapshot-every K] [--out DIR]
+    python bench/vs_trl.py [--task demo|real|both] [--steps N] [--snapshot-every K] [--repeat N] [--out DIR]
     python bench/vs_trl.py --from-out DIR      (re-score / re-print finished runs)
     python bench/vs_trl.py --trl-worker SPEC   (internal: one TRL run in its own process)
 """
@@ -53,10 +57,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -275,9 +281,21 @@ def load_snapshot(student_dir: str, path: Path):
     return model.eval()
 
 
+def snapshot_digest(path: Path) -> str:
+    """sha256 of a snapshot's bytes (a ``.pt`` file, or every file of a DCP directory):
+    identical weights in two windows of ``--repeat`` are scored once."""
+    digest = hashlib.sha256()
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() if file != path else b"")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def score_side(spec: TaskSpec, side_dir: Path, is_trl: bool, student_dir: str, teacher, tokenizer,
-               eval_prompts: list[str], max_new_tokens: int, start_rkl: float) -> list[tuple[int, float, float]]:
-    """[(step, training seconds, reverse KL)] from step 0 (the shared start)."""
+               eval_prompts: list[str], max_new_tokens: int, start_rkl: float,
+               shared: dict[str, float] | None = None) -> list[tuple[int, float, float]]:
+    """[(step, training seconds, reverse KL)] from step 0 (the shared start). ``shared``:
+    scores by :func:`snapshot_digest`, filled and reused across windows."""
     if is_trl:
         clock = {int(k): v for k, v in json.loads((side_dir / "clock.json").read_text()).items()}
         paths = {step: side_dir / "snapshots" / f"step_{step}.pt" for step in clock}
@@ -291,9 +309,15 @@ def score_side(spec: TaskSpec, side_dir: Path, is_trl: bool, student_dir: str, t
         if step not in clock:
             continue
         if str(step) not in scores:
-            model = load_snapshot(student_dir, paths[step])
-            scores[str(step)] = evaluate(model, teacher, tokenizer, eval_prompts, samples=spec.eval_samples,
-                                         max_new_tokens=max_new_tokens, batch=EVAL_BATCH[spec.name])
+            digest = snapshot_digest(paths[step]) if shared is not None else None
+            if digest in (shared or {}):
+                scores[str(step)] = shared[digest]
+            else:
+                model = load_snapshot(student_dir, paths[step])
+                scores[str(step)] = evaluate(model, teacher, tokenizer, eval_prompts, samples=spec.eval_samples,
+                                             max_new_tokens=max_new_tokens, batch=EVAL_BATCH[spec.name])
+                if digest is not None:
+                    shared[digest] = scores[str(step)]
             cache.write_text(json.dumps(scores))
         curve.append((step, clock[step], scores[str(step)]))
     return curve
@@ -349,8 +373,11 @@ def time_to(curve: list[tuple[int, float, float]], target: float) -> tuple[float
     return None
 
 
-def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
-    """Score every side, print the table, return asyncopd (topk / smollm2) / TRL time to half the start."""
+def report(spec: TaskSpec, out: Path, walls: dict[str, float],
+           shared: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Score every side, print the table, return {side: {"ratio": its time / TRL's to half the
+    start (real task: to ``common`` when a short run does not halve it on every side),
+    "s_per_step": training seconds per step}}."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -373,9 +400,9 @@ def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
         side_dir = out / side
         if (side_dir / ("clock.json" if side == "trl" else "metrics.jsonl")).is_file():
             curves[side] = score_side(spec, side_dir, side == "trl", student_dir, teacher, tokenizer,
-                                      eval_prompts, max_new, start)
+                                      eval_prompts, max_new, start, shared)
     if "trl" not in curves:
-        return math.nan
+        return {}
     best_trl = min(r for _, _, r in curves["trl"])
     targets = {"half": start / 2, "trl_best": best_trl}
     # The lowest reverse KL that every side reaches: a target a short run always has.
@@ -410,11 +437,12 @@ def report(spec: TaskSpec, out: Path, walls: dict[str, float]) -> float:
     if spec.name == "real":  # a faster side must not be a worse student
         summary["quality"] = chat_quality(out, student_dir, teacher, tokenizer, eval_prompts, curves, max_new)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    headline = ratios.get(("half", HEADLINE[spec.name]), math.nan)
-    if math.isnan(headline) and spec.name == "real":  # a few real steps may not halve it: say which target
-        headline = ratios.get(("common", HEADLINE[spec.name]), math.nan)
-        print(f"   real_time_ratio below: target common (half the start not reached by every side)")
-    return headline
+    target = "half"
+    if spec.name == "real" and any(math.isnan(ratios[("half", side)]) for side in curves if side != "trl"):
+        target = "common"  # a few real steps may not halve it: say which target
+        print("   real_time_ratio below: target common (half the start not reached by every side)")
+    return {side: {"ratio": 1.0 if side == "trl" else ratios[(target, side)],
+                   "s_per_step": curve[-1][1] / max(curve[-1][0], 1)} for side, curve in curves.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -454,6 +482,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/vs_trl"))
     parser.add_argument("--from-out", action="store_true", help="only score and print the runs in --out")
     parser.add_argument("--no-score", action="store_true", help="only run (score later with --from-out)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="windows: every side runs once per window (the order rotating), into --out/<task>/wN; "
+                             "the last line gives the median ratio over windows")
     parser.add_argument("--trl-worker", type=Path, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.trl_worker:
@@ -463,24 +494,66 @@ def main() -> int:
     for spec in task_specs(args):
         out = args.out / spec.name
         out.mkdir(parents=True, exist_ok=True)
-        walls_file = out / "walls.json"
-        walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
-        if not args.from_out:
+        if args.from_out:
+            windows = sorted(out.glob("w[0-9]*"), key=lambda p: int(p.name[1:])) or [out]
+        else:
+            windows = [out] if args.repeat == 1 else [out / f"w{i + 1}" for i in range(args.repeat)]
             sides = args.sides.split(",") if args.sides else ["trl", *TASK_SIDES[spec.name]]
-            for side in [s for s in sides if s == "trl" or s in TASK_SIDES[spec.name]]:
-                if side == "trl":
-                    if (out / "trl").exists():
-                        shutil.rmtree(out / "trl")
-                    walls["trl"] = run_trl(spec, out / "trl", args.trl_threads)
-                else:
-                    walls[side] = run_asyncopd(spec, side, out / side, extra)
-                walls_file.write_text(json.dumps(walls))
-                print(f"   {side}: job wall {walls[side][0]:.0f}s, CPU {walls[side][1]:.0f}s", flush=True)
-        if not args.no_score:
-            ratios[spec.name] = report(spec, out, walls)
+            sides = [s for s in sides if s == "trl" or s in TASK_SIDES[spec.name]]
+            for i, window in enumerate(windows):
+                window.mkdir(parents=True, exist_ok=True)
+                order = sides[i % len(sides):] + sides[:i % len(sides)]  # drift must not favour one side
+                if len(windows) > 1:
+                    print(f"== window {i + 1}/{len(windows)}: {', '.join(order)}", flush=True)
+                run_window(spec, window, order, args.trl_threads, extra)
+        if args.no_score:
+            continue
+        cache = out / "score_cache.json"
+        shared = json.loads(cache.read_text()) if cache.is_file() else {}
+        results = []
+        for window in windows:
+            walls_file = window / "walls.json"
+            walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
+            results.append(report(spec, window, walls, shared))
+            cache.write_text(json.dumps(shared))
+        ratios[spec.name] = median_over_windows(spec, windows, results)
     print(f"vs_trl demo_time_ratio {ratios['demo']:.2f} real_time_ratio {ratios['real']:.2f}")
     return 0
 
+
+def run_window(spec: TaskSpec, out: Path, sides: list[str], trl_threads: int, extra: list[str]) -> None:
+    """Every side once, in ``sides``' order, into ``out``."""
+    walls_file = out / "walls.json"
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
+    for side in sides:
+        if side == "trl":
+            if (out / "trl").exists():
+                shutil.rmtree(out / "trl")
+            walls["trl"] = run_trl(spec, out / "trl", trl_threads)
+        else:
+            walls[side] = run_asyncopd(spec, side, out / side, extra)
+        walls_file.write_text(json.dumps(walls))
+        print(f"   {side}: job wall {walls[side][0]:.0f}s, CPU {walls[side][1]:.0f}s", flush=True)
+
+
+def median_over_windows(spec: TaskSpec, windows: list[Path], results: list[dict[str, dict[str, float]]]) -> float:
+    """Print one row per window and the medians; return the headline side's median ratio."""
+    sides = [s for s in ["trl", *TASK_SIDES[spec.name]] if any(s in r for r in results)]
+    if len(windows) > 1:
+        print(f"\n== {spec.name}: {len(windows)} windows (each side once per window, the order rotating)")
+        print(f"   {'window':<7} " + "  ".join(f"{s + ' s/step':>16}" for s in sides)
+              + "  " + "  ".join(f"{'ratio ' + s:>16}" for s in sides if s != "trl"))
+        for window, result in zip(windows, results):
+            print(f"   {window.name:<7} " + "  ".join(f"{result[s]['s_per_step'] if s in result else math.nan:>16.3f}"
+                                                for s in sides)
+                  + "  " + "  ".join(f"{result[s]['ratio'] if s in result else math.nan:>16.2f}"
+                                     for s in sides if s != "trl"))
+    medians = {s: statistics.median(r[s]["ratio"] for r in results if s in r)
+               for s in sides if s != "trl" and any(s in r for r in results)}
+    if len(windows) > 1:
+        print(f"   {'median':<7} " + "  ".join([" " * 16] * len(sides)) + "  " + "  ".join(f"{medians.get(s, math.nan):>16.2f}"
+                                                             for s in sides if s != "trl"))
+    return medians.get(HEADLINE[spec.name], math.nan)
 
 if __name__ == "__main__":
     sys.exit(main())
