@@ -21,7 +21,11 @@ Called by :mod:`asyncopd.transport.codec` only; the roles see the batch types.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import typing
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -128,6 +132,10 @@ def scored_columns(batch: ScoredBatch) -> ScoredColumns:
 
 
 # ---- decoding: checks once per batch, then views --------------------------------------------------
+# Per-element bookkeeping (lengths, offsets) is done on Python lists: a frame holds from one to
+# a few hundred elements, and numpy's ~1-3 us per call would dominate the small ones. Each
+# token-level check is one numpy pass over a column; only a frame with a fault pays for
+# finding which element it belongs to.
 
 class _Faults:
     """The first fault of each element (position -> why)."""
@@ -135,115 +143,143 @@ class _Faults:
     def __init__(self) -> None:
         self.by_element: dict[int, str] = {}
 
-    def add(self, elements, why) -> None:
-        for i in np.asarray(elements, dtype=np.int64).tolist():
+    def add(self, elements: Iterable[int], why: str | Callable[[int], str]) -> None:
+        for i in elements:
             self.by_element.setdefault(i, why if isinstance(why, str) else why(i))
 
 
-def _column(name: str, array, dtype: np.dtype, size: int) -> None:
+def _column(name: str, array: Any, dtype: np.dtype, size: int) -> None:
     if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype != dtype:
         raise ValueError(f"column {name} must be a 1-d {dtype} array")
     if array.shape[0] != size:
         raise ValueError(f"column {name} has {array.shape[0]} entries, its elements' lengths add up to {size}")
 
 
-def _lengths(name: str, values: list[int], m: int) -> np.ndarray:
-    if len(values) != m:
-        raise ValueError(f"column {name} has {len(values)} entries for {m} elements")
-    array = np.array(values, dtype=np.int64)
-    if m and array.min() < 0:
-        raise ValueError(f"column {name} holds a negative length")
-    return array
-
-
-def _offsets(sizes: np.ndarray) -> np.ndarray:
-    """Start of each element in a column of concatenated ``sizes``; one more entry: the total."""
-    offsets = np.zeros(sizes.shape[0] + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    return offsets
-
-
-def _rows_by_width(flat: np.ndarray, lengths: np.ndarray, widths: np.ndarray, offsets: np.ndarray):
-    """For each width w > 0: (rows [R, w] of the elements with that width, the element of each row)."""
-    present = widths > 0
-    for width in np.unique(widths[present]).tolist():
-        members = np.flatnonzero(widths == width)
-        if members.shape[0] == np.count_nonzero(present):  # one width for all: the column as it is
-            rows = flat.reshape(-1, width)
-        else:
-            rows = np.concatenate([flat[offsets[i]:offsets[i + 1]] for i in members.tolist()]).reshape(-1, width)
-        yield rows, np.repeat(members, lengths[members])
-
-
-def _check_rollouts(c: RolloutColumns, faults: _Faults) -> tuple[int, dict[str, np.ndarray]]:
-    """Checks the columns (raising ValueError for the frame) and each element (into
-    ``faults``); returns the element count and the offsets into each array column."""
-    m = len(c.rollout_id)
-    for name in ("kind", "batch_index", "group_id", "actor_index", "policy_versions", "reward", "finish_reason",
-                 "slot_id"):
+def _same_length(c: Any, names: Iterable[str], m: int) -> None:
+    for name in names:
         if len(getattr(c, name)) != m:
             raise ValueError(f"column {name} has {len(getattr(c, name))} entries for {m} elements")
-    prompt_lens = _lengths("prompt_lens", c.prompt_lens, m)
-    n = _lengths("response_lens", c.response_lens, m)
-    k = _lengths("student_k", c.student_k, m)
-    prompt_at, token_at, student_at = _offsets(prompt_lens), _offsets(n), _offsets(n * k)
-    _column("prompt_ids", c.prompt_ids, _INT32, int(prompt_at[-1]))
+
+
+def _offsets(name: str, sizes: list[int]) -> list[int]:
+    """Start of each element in a column of concatenated ``sizes``; one more entry: the total."""
+    if sizes and min(sizes) < 0:
+        raise ValueError(f"column {name} holds a negative length")
+    return [0, *itertools.accumulate(sizes)]
+
+
+def _bad_rows(flat: np.ndarray, lengths: list[int], widths: list[int], offsets: list[int],
+              broken: Callable[[np.ndarray], np.ndarray | None]) -> list[int]:
+    """The elements (width > 0) with a row of ``flat`` that ``broken`` flags. ``broken``
+    takes rows [R, w] and returns a bool [R] mask, or None when no row is broken."""
+    bad: list[int] = []
+    for width in sorted({w for w in widths if w}):
+        members = [i for i, w in enumerate(widths) if w == width]
+        if len(members) == sum(1 for w in widths if w):  # one width for all: the column as it is
+            rows = flat.reshape(-1, width)
+        else:
+            rows = np.concatenate([flat[offsets[i]:offsets[i + 1]] for i in members]).reshape(-1, width)
+        mask = broken(rows)
+        if mask is not None:  # which element each broken row belongs to (rare: only on a fault)
+            ends = list(itertools.accumulate(lengths[i] for i in members))
+            bad += sorted({members[bisect.bisect_right(ends, row)] for row in np.flatnonzero(mask).tolist()})
+    return bad
+
+
+def _negative_rows(rows: np.ndarray) -> np.ndarray | None:
+    return (rows < 0).any(1) if rows.size and rows.min() < 0 else None
+
+
+def _repeating_rows(rows: np.ndarray) -> np.ndarray | None:
+    ordered = np.sort(rows, axis=1)
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    return repeated.any(1) if repeated.any() else None
+
+
+def _misplaced_padding_rows(rows: np.ndarray) -> np.ndarray | None:
+    valid = rows >= 0
+    broken = valid[:, 1:] & ~valid[:, :-1]
+    if rows.size and rows.min() < -1:
+        return (rows < -1).any(1) | broken.any(1)
+    return broken.any(1) if broken.any() else None
+
+
+class _Layout(NamedTuple):
+    """Where each element's values sit in the array columns."""
+
+    m: int
+    n: list[int]
+    k: list[int]
+    prompt: list[int]
+    token: list[int]
+    student: list[int]
+
+
+def _check_rollouts(c: RolloutColumns, faults: _Faults) -> _Layout:
+    """Checks the columns (raising ValueError for the whole frame) and each element
+    (into ``faults``); returns where each element's values are."""
+    m = len(c.rollout_id)
+    _same_length(c, ("kind", "batch_index", "group_id", "actor_index", "policy_versions", "reward", "finish_reason",
+                     "slot_id", "prompt_lens", "response_lens", "student_k"), m)
+    n, k = c.response_lens, c.student_k
+    at = _Layout(m, n, k, _offsets("prompt_lens", c.prompt_lens), _offsets("response_lens", n),
+                 _offsets("student_k", [a * b for a, b in zip(n, k)]))
+    if min(k, default=0) < 0:
+        raise ValueError("column student_k holds a negative width")
+    _column("prompt_ids", c.prompt_ids, _INT32, at.prompt[-1])
     for name, dtype in (("response_ids", _INT32), ("behaviour_logprobs", _FLOAT32),
                         ("token_policy_versions", _INT32)):
-        _column(name, getattr(c, name), dtype, int(token_at[-1]))
-    _column("student_topk_ids", c.student_topk_ids, _INT32, int(student_at[-1]))
+        _column(name, getattr(c, name), dtype, at.token[-1])
+    _column("student_topk_ids", c.student_topk_ids, _INT32, at.student[-1])
 
-    faults.add(np.flatnonzero(prompt_lens == 0), "prompt_ids is empty")
+    faults.add([i for i, length in enumerate(c.prompt_lens) if length == 0], "prompt_ids is empty")
     faults.add([i for i, kind in enumerate(c.kind) if kind not in _KINDS],
                lambda i: f"kind {c.kind[i]!r} is not one of {sorted(_KINDS)}")
-    nonempty = np.flatnonzero(n > 0)
-    if nonempty.shape[0]:
-        oldest = np.minimum.reduceat(c.token_policy_versions, token_at[nonempty])
-        versions = np.array(c.policy_versions, np.int64)[nonempty]
-        wrong = np.flatnonzero(oldest != versions)
-        faults.add(nonempty[wrong], lambda i: (f"policy_version={c.policy_versions[i]} differs from "
-                                               f"min(token_policy_versions)="
-                                               f"{int(c.token_policy_versions[token_at[i]:token_at[i + 1]].min())}"))
-    for rows, owner in _rows_by_width(c.student_topk_ids, n, k, student_at):
-        faults.add(np.unique(owner[(rows < 0).any(1)]), "student_topk_ids holds negative ids")
-        ordered = np.sort(rows, axis=1)
-        faults.add(np.unique(owner[(ordered[:, 1:] == ordered[:, :-1]).any(1)]),
-                   "student_topk_ids repeats an id within a row")
-    return m, {"prompt": prompt_at, "token": token_at, "student": student_at, "n": n, "k": k}
+    nonempty = [i for i in range(m) if n[i]]
+    if nonempty:
+        oldest = np.minimum.reduceat(c.token_policy_versions, [at.token[i] for i in nonempty]).tolist()
+        faults.add([i for i, low in zip(nonempty, oldest) if low != c.policy_versions[i]],
+                   lambda i: (f"policy_version={c.policy_versions[i]} differs from min(token_policy_versions)="
+                              f"{int(c.token_policy_versions[at.token[i]:at.token[i + 1]].min())}"))
+    faults.add(_bad_rows(c.student_topk_ids, n, k, at.student, _negative_rows), "student_topk_ids holds negative ids")
+    faults.add(_bad_rows(c.student_topk_ids, n, k, at.student, _repeating_rows),
+               "student_topk_ids repeats an id within a row")
+    return at
 
 
-def _build_rollouts(c: RolloutColumns, at: dict[str, np.ndarray], keep: list[int]) -> dict[int, Rollout]:
-    prompt_at, token_at, student_at = (at[key].tolist() for key in ("prompt", "token", "student"))
-    ks, ns = at["k"].tolist(), at["n"].tolist()
+def _build_rollouts(c: RolloutColumns, at: _Layout, keep: list[int]) -> dict[int, Rollout]:
     built = {}
     for i in keep:
-        a, b = token_at[i], token_at[i + 1]
-        k = ks[i]
+        a, b = at.token[i], at.token[i + 1]
+        k = at.k[i]
         built[i] = build_checked(Rollout, {
             "rollout_id": c.rollout_id[i], "kind": c.kind[i], "batch_index": c.batch_index[i],
             "group_id": c.group_id[i], "actor_index": c.actor_index[i],
-            "prompt_ids": c.prompt_ids[prompt_at[i]:prompt_at[i + 1]], "response_ids": c.response_ids[a:b],
+            "prompt_ids": c.prompt_ids[at.prompt[i]:at.prompt[i + 1]], "response_ids": c.response_ids[a:b],
             "behaviour_logprobs": c.behaviour_logprobs[a:b], "token_policy_versions": c.token_policy_versions[a:b],
             "policy_version": c.policy_versions[i], "reward": c.reward[i], "finish_reason": c.finish_reason[i],
-            "student_topk_ids": None if k == 0 else c.student_topk_ids[student_at[i]:student_at[i + 1]].reshape(
-                ns[i], k),
+            "student_topk_ids": None if k == 0 else c.student_topk_ids[at.student[i]:at.student[i + 1]].reshape(
+                at.n[i], k),
             "slot_id": c.slot_id[i]})
     return built
 
 
-def _report(faults: _Faults, where: str, problems: list[str] | None) -> None:
+def _kept(faults: _Faults, m: int, where: str, problems: list[str] | None) -> list[int]:
+    """The elements without a fault; each faulty one reported in ``problems``."""
+    if not faults.by_element:
+        return list(range(m))
     if problems is not None:
         for i in sorted(faults.by_element):
             problems.append(f"{where}[{i}] dropped: {faults.by_element[i]}")
+    return [i for i in range(m) if i not in faults.by_element]
 
 
 def rollouts_of(c: RolloutColumns, problems: list[str] | None = None) -> RolloutBatch:
     """The batch in ``c`` without its malformed elements (each reported in ``problems``);
     raises ValueError when the columns themselves are inconsistent."""
     faults = _Faults()
-    m, at = _check_rollouts(c, faults)
-    keep = [i for i in range(m) if i not in faults.by_element]
-    _report(faults, "RolloutBatch.rollouts", problems)
+    at = _check_rollouts(c, faults)
+    keep = _kept(faults, at.m, "RolloutBatch.rollouts", problems)
     return RolloutBatch.of(list(_build_rollouts(c, at, keep).values()))
 
 
@@ -251,41 +287,35 @@ def scored_of(c: ScoredColumns, problems: list[str] | None = None) -> ScoredBatc
     """The batch in ``c`` without its malformed elements (each reported in ``problems``);
     raises ValueError when the columns themselves are inconsistent."""
     faults = _Faults()
-    m, at = _check_rollouts(c.rollouts, faults)
-    for name in ("teacher_index", "score_s", "policy_versions"):
-        if len(getattr(c, name)) != m:
-            raise ValueError(f"column {name} has {len(getattr(c, name))} entries for {m} elements")
-    n, k = at["n"], at["k"]
-    width = _lengths("topk_width", c.topk_width, m)
-    token_at, union_at = at["token"], _offsets(n * width)
-    _column("teacher_logprobs", c.teacher_logprobs, _FLOAT32, int(token_at[-1]))
-    _column("topk_ids", c.topk_ids, _INT32, int(union_at[-1]))
-    _column("topk_logprobs", c.topk_logprobs, _FLOAT32, int(union_at[-1]))
+    at = _check_rollouts(c.rollouts, faults)
+    _same_length(c, ("teacher_index", "score_s", "policy_versions", "topk_width"), at.m)
+    n, k, width = at.n, at.k, c.topk_width
+    union = _offsets("topk_width", [a * b for a, b in zip(n, width)])
+    if min(width, default=0) < 0:
+        raise ValueError("column topk_width holds a negative width")
+    _column("teacher_logprobs", c.teacher_logprobs, _FLOAT32, at.token[-1])
+    _column("topk_ids", c.topk_ids, _INT32, union[-1])
+    _column("topk_logprobs", c.topk_logprobs, _FLOAT32, union[-1])
 
-    faults.add(np.flatnonzero(np.array(c.policy_versions, np.int64) != np.array(c.rollouts.policy_versions,
-                                                                                 np.int64)),
+    faults.add([i for i, (a, b) in enumerate(zip(c.policy_versions, c.rollouts.policy_versions)) if a != b],
                "policy_version differs from the rollout's")
-    faults.add(np.flatnonzero(width % 2 == 1),
-               lambda i: f"topk_ids has {c.topk_width[i]} columns; the union of two top-k sets has 2k (k >= 1)")
-    faults.add(np.flatnonzero((width > 0) & (k > 0) & (width != 2 * k)),
-               lambda i: (f"topk_ids has {c.topk_width[i]} columns, the rollout's student_topk_ids has "
-                          f"{c.rollouts.student_k[i]} (expected 2k)"))
-    for rows, owner in _rows_by_width(c.topk_ids, n, width, union_at):
-        valid = rows >= 0
-        broken = (rows < -1).any(1) | (valid[:, 1:] & ~valid[:, :-1]).any(1)
-        faults.add(np.unique(owner[broken]), "topk_ids may hold -1 only as padding at the end of a row")
+    faults.add([i for i, w in enumerate(width) if w % 2],
+               lambda i: f"topk_ids has {width[i]} columns; the union of two top-k sets has 2k (k >= 1)")
+    faults.add([i for i, (w, sk) in enumerate(zip(width, k)) if w and sk and w != 2 * sk],
+               lambda i: (f"topk_ids has {width[i]} columns, the rollout's student_topk_ids has {k[i]} "
+                          "(expected 2k)"))
+    faults.add(_bad_rows(c.topk_ids, n, width, union, _misplaced_padding_rows),
+               "topk_ids may hold -1 only as padding at the end of a row")
 
-    keep = [i for i in range(m) if i not in faults.by_element]
-    _report(faults, "ScoredBatch.scored", problems)
+    keep = _kept(faults, at.m, "ScoredBatch.scored", problems)
     rollouts = _build_rollouts(c.rollouts, at, keep)
-    token, union, widths = token_at.tolist(), union_at.tolist(), c.topk_width
-    ns = n.tolist()
+    token = at.token
     scored = []
     for i in keep:
-        w = widths[i]
+        w = width[i]
         scored.append(build_checked(ScoredRollout, {
             "rollout": rollouts[i], "teacher_logprobs": c.teacher_logprobs[token[i]:token[i + 1]],
             "teacher_index": c.teacher_index[i], "score_s": c.score_s[i], "policy_version": c.policy_versions[i],
-            "topk_ids": None if w == 0 else c.topk_ids[union[i]:union[i + 1]].reshape(ns[i], w),
-            "topk_logprobs": None if w == 0 else c.topk_logprobs[union[i]:union[i + 1]].reshape(ns[i], w)}))
+            "topk_ids": None if w == 0 else c.topk_ids[union[i]:union[i + 1]].reshape(n[i], w),
+            "topk_logprobs": None if w == 0 else c.topk_logprobs[union[i]:union[i + 1]].reshape(n[i], w)}))
     return ScoredBatch.of(scored)
