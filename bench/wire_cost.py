@@ -11,8 +11,8 @@ versions, then times, per rollout:
   job unless ``--no-curve``), send and receive, which adds the per-frame costs a
   batch saves.
 
-- ``frames``: encode + decode of one batch frame of 1, 8, 32 and ``--num`` rollouts in the
-  columnar form the codec sends (:mod:`asyncopd.transport.columns`) against the
+- ``frames``: encode + decode of one batch frame of 1, 2, 4, 8, 32 and ``--num`` rollouts in the
+  columnar form the codec sends from 4 rollouts on (:mod:`asyncopd.transport.columns`) against the
   element-by-element form (what peers sent before the columns, still accepted), per frame:
   the columns trade a fixed cost per frame for a much smaller one per element.
 
@@ -105,13 +105,19 @@ def frames_us(pairs: list, sizes: list[int], repeats: int) -> dict[tuple[str, in
 
     from asyncopd.transport import codec
 
-    rows = msgspec.msgpack.Encoder(enc_hook=codec._enc_hook)
+    from asyncopd.transport import columns
+
+    encoder = msgspec.msgpack.Encoder(enc_hook=codec._enc_hook)  # encodes what it is given, in either form
+
+    def to_columns(batch):
+        return (columns.rollout_columns if isinstance(batch, types.RolloutBatch) else columns.scored_columns)(batch)
+
     fns = {}
     for m in sizes:
         for kind, batch in (("rollout", types.RolloutBatch.of([r for r, _ in pairs[:m]])),
                             ("scored", types.ScoredBatch.of([s for _, s in pairs[:m]]))):
-            fns[kind, m, "columns"] = lambda b=batch: decode(encode(b))
-            fns[kind, m, "rows"] = lambda b=batch: decode(rows.encode(b))
+            fns[kind, m, "columns"] = lambda b=batch: decode(encoder.encode(to_columns(b)))
+            fns[kind, m, "rows"] = lambda b=batch: decode(encoder.encode(b))
     return per_item_us(fns, 1, repeats)
 
 
@@ -175,7 +181,7 @@ def main() -> int:
             single, batch = result[path, kind, "single"], result.get((path, kind, "batch"), float("nan"))
             print(f"{path:8} {kind:8} {single:9.2f} {batch:9.2f} {single / batch:7.2f}")
     if HAS_COLUMNS:
-        sizes = sorted({1, 8, 32, args.num})
+        sizes = sorted({1, 2, 4, 8, 32, args.num})
         frames = frames_us(pairs, sizes, args.repeats)
         print(f"{'frame':8} {'rollouts':>8} {'rows us':>9} {'columns us':>10} {'ratio':>7}   (encode + decode, per frame)")
         for kind in kinds:

@@ -67,8 +67,15 @@ def test_batches_travel_in_columns_and_round_trip_every_field() -> None:
     assert decode(encode(ScoredBatch.of([]))) == ScoredBatch(policy_version=0, scored=[])
 
 
+def test_a_batch_of_fewer_than_four_goes_element_by_element() -> None:
+    for size, form in ((3, "ScoredBatch"), (4, "ScoredColumns")):
+        batch = ScoredBatch.of([scored(rollout(i)) for i in range(size)])
+        assert msgspec.msgpack.decode(encode(batch), ext_hook=lambda c, d: None)["type"] == form
+        assert all(same(a, b) for a, b in zip(decode(encode(batch)).scored, batch.scored, strict=True))
+
+
 def test_decoded_elements_are_separate_writable_views() -> None:
-    back = decode(encode(ScoredBatch.of([scored(rollout(i)) for i in range(3)])))
+    back = decode(encode(ScoredBatch.of([scored(rollout(i)) for i in range(4)])))
     back.scored[1].topk_logprobs[...] = 7.0
     back.scored[1].rollout.response_ids[...] = 9
     assert (back.scored[0].topk_logprobs != 7.0).all() and (back.scored[2].topk_logprobs != 7.0).all()
@@ -89,12 +96,13 @@ ROLLOUT_FAULTS = [
 def test_a_malformed_rollout_in_columns_is_dropped_alone(change, match) -> None:
     with pytest.raises(ValueError, match=match):  # the constructor refuses it...
         rollout(1, **change)
-    good = [rollout(i) for i in range(3)]
-    bad = build_checked(Rollout, {**msgspec.structs.asdict(good[1]), **change})
+    good = [rollout(i) for i in range(4)]
+    elements = [good[0], build_checked(Rollout, {**msgspec.structs.asdict(good[1]), **change}), *good[2:]]
     problems: list[str] = []
-    back = decode(encode(RolloutBatch(policy_version=min(r.policy_version for r in (good[0], bad, good[2])),
-                                      rollouts=[good[0], bad, good[2]])), problems)
-    assert [r.rollout_id for r in back.rollouts] == ["0-0", "0-2"]  # ...and so do the columns, alone
+    data = encode(RolloutBatch(policy_version=min(r.policy_version for r in elements), rollouts=elements))
+    assert msgspec.msgpack.decode(data, ext_hook=lambda c, d: None)["type"] == "RolloutColumns"
+    back = decode(data, problems)
+    assert [r.rollout_id for r in back.rollouts] == ["0-0", "0-2", "0-3"]  # ...and so do the columns, alone
     assert len(problems) == 1 and problems[0].startswith("RolloutBatch.rollouts[1] dropped: ")
     assert pytest.importorskip("re").search(match, problems[0])
 
@@ -117,8 +125,9 @@ def test_a_malformed_scored_rollout_in_columns_is_dropped_alone(change, match) -
         ScoredRollout(**{**msgspec.structs.asdict(good[2]), **change})
     elements = [*good[:2], build_checked(ScoredRollout, {**msgspec.structs.asdict(good[2]), **change}), good[3]]
     problems: list[str] = []
-    back = decode(encode(ScoredBatch(policy_version=3 if "policy_version" in change else 4, scored=elements)),
-                  problems)
+    data = encode(ScoredBatch(policy_version=3 if "policy_version" in change else 4, scored=elements))
+    assert msgspec.msgpack.decode(data, ext_hook=lambda c, d: None)["type"] == "ScoredColumns"
+    back = decode(data, problems)
     assert [s.rollout_id for s in back.scored] == ["0-0", "0-1", "0-3"]
     assert len(problems) == 1 and problems[0].startswith("ScoredBatch.scored[2] dropped: ")
     assert pytest.importorskip("re").search(match, problems[0])
@@ -147,7 +156,7 @@ def test_an_unknown_kind_and_several_faults_are_each_counted_once() -> None:
     lambda c: c.student_k.__setitem__(2, 3),
 ])
 def test_inconsistent_columns_reject_the_frame(breakage) -> None:
-    wire = columns.rollout_columns(RolloutBatch.of([rollout(i) for i in range(3)]))
+    wire = columns.rollout_columns(RolloutBatch.of([rollout(i) for i in range(3)]))  # columns at any size
     breakage(wire)
     with pytest.raises(MalformedMessage):
         decode(_ENCODER.encode(wire))
