@@ -183,7 +183,8 @@ def main() -> int:
     if HAS_COLUMNS:
         sizes = sorted({1, 2, 4, 8, 32, args.num})
         frames = frames_us(pairs, sizes, args.repeats)
-        print(f"{'frame':8} {'rollouts':>8} {'rows us':>9} {'columns us':>10} {'ratio':>7}   (encode + decode, per frame)")
+        print(f"{'frame':8} {'rollouts':>8} {'rows us':>9} {'columns us':>10} {'ratio':>7}   "
+              "(encode + decode, per frame)")
         for kind in kinds:
             for m in sizes:
                 r, c = frames[kind, m, "rows"], frames[kind, m, "columns"]

@@ -38,7 +38,8 @@ _ROWS = msgspec.msgpack.Encoder(enc_hook=codec._enc_hook)
 def raw(message) -> dict:
     """The message in its element-by-element form as plain msgpack data (arrays left as
     Ext), to break behind its back."""
-    return msgspec.msgpack.decode(_ROWS.encode(message), ext_hook=lambda code, data: msgspec.msgpack.Ext(code, bytes(data)))
+    return msgspec.msgpack.decode(_ROWS.encode(message),
+                                  ext_hook=lambda code, data: msgspec.msgpack.Ext(code, bytes(data)))
 
 
 def test_batches_round_trip_with_the_oldest_policy_version() -> None:
