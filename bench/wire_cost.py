@@ -11,6 +11,11 @@ versions, then times, per rollout:
   job unless ``--no-curve``), send and receive, which adds the per-frame costs a
   batch saves.
 
+- ``frames``: encode + decode of one batch frame of 1, 2, 4, 8, 32 and ``--num`` rollouts in the
+  columnar form the codec sends from 4 rollouts on (:mod:`asyncopd.transport.columns`) against the
+  element-by-element form (what peers sent before the columns, still accepted), per frame:
+  the columns trade a fixed cost per frame for a much smaller one per element.
+
 Each figure is the fastest of ``--repeats`` runs, single and batch taking turns. Run
 it under ``/work/bin/exclusive`` for numbers to report. The ``array`` lines time the
 codec's numpy extension hooks alone (encode + decode of one array). With an older checkout on
@@ -37,6 +42,7 @@ from asyncopd.transport.sockets import Channel
 from asyncopd.types import Rollout, ScoredRollout
 
 HAS_BATCHES = hasattr(types, "RolloutBatch")
+HAS_COLUMNS = hasattr(types, "build_checked")
 
 
 def demo_pair(i: int, top_k: int, rng: np.random.Generator) -> tuple[Rollout, ScoredRollout]:
@@ -90,6 +96,29 @@ def array_us(repeats: int) -> dict[str, float]:
 
         fns[name] = round_trip
     return per_item_us(fns, 100, repeats)
+
+
+def frames_us(pairs: list, sizes: list[int], repeats: int) -> dict[tuple[str, int, str], float]:
+    """Encode + decode of one RolloutBatch / ScoredBatch frame of each size, columnar (what
+    the codec sends) and element by element (the form older peers sent), us per frame."""
+    import msgspec
+
+    from asyncopd.transport import codec
+
+    from asyncopd.transport import columns
+
+    encoder = msgspec.msgpack.Encoder(enc_hook=codec._enc_hook)  # encodes what it is given, in either form
+
+    def to_columns(batch):
+        return (columns.rollout_columns if isinstance(batch, types.RolloutBatch) else columns.scored_columns)(batch)
+
+    fns = {}
+    for m in sizes:
+        for kind, batch in (("rollout", types.RolloutBatch.of([r for r, _ in pairs[:m]])),
+                            ("scored", types.ScoredBatch.of([s for _, s in pairs[:m]]))):
+            fns[kind, m, "columns"] = lambda b=batch: decode(encoder.encode(to_columns(b)))
+            fns[kind, m, "rows"] = lambda b=batch: decode(encoder.encode(b))
+    return per_item_us(fns, 1, repeats)
 
 
 def codec_round_trip(messages: list) -> None:
@@ -151,6 +180,15 @@ def main() -> int:
         for kind in kinds:
             single, batch = result[path, kind, "single"], result.get((path, kind, "batch"), float("nan"))
             print(f"{path:8} {kind:8} {single:9.2f} {batch:9.2f} {single / batch:7.2f}")
+    if HAS_COLUMNS:
+        sizes = sorted({1, 2, 4, 8, 32, args.num})
+        frames = frames_us(pairs, sizes, args.repeats)
+        print(f"{'frame':8} {'rollouts':>8} {'rows us':>9} {'columns us':>10} {'ratio':>7}   "
+              "(encode + decode, per frame)")
+        for kind in kinds:
+            for m in sizes:
+                r, c = frames[kind, m, "rows"], frames[kind, m, "columns"]
+                print(f"{kind:8} {m:8d} {r:9.1f} {c:10.1f} {r / c:7.2f}")
     single, batch = result["socket", "scored", "single"], result.get(("socket", "scored", "batch"), float("nan"))
     print(f"wire_cost single_us {single:.2f} batch_us {batch:.2f} ratio {single / batch:.2f}")
     return 0

@@ -113,6 +113,8 @@ class StalenessBuffer(Generic[S]):
         self._slots: dict[int, set[str]] = defaultdict(set)
         """Slots taken, by step; a resample carries its slot's batch_index."""
         self._num_held = 0
+        self._group_counts: dict[tuple[int, int], int] = defaultdict(int)
+        """Samples held, by (step, group_id): the group rule's count without a scan per put."""
 
     def __len__(self) -> int:
         return self._num_held
@@ -148,6 +150,8 @@ class StalenessBuffer(Generic[S]):
             self._dropped_slots[sample.batch_index] += 1
             return False
         self._held[sample.batch_index].append(sample)
+        if self.group_size is not None:
+            self._group_counts[sample.batch_index, sample.group_id] += 1
         self._num_held += 1
         self.stats.accepted += 1
         return True
@@ -158,7 +162,7 @@ class StalenessBuffer(Generic[S]):
             return True
         if self.group_size is None:
             return False
-        return sum(1 for s in held if s.group_id == sample.group_id) >= self.group_size
+        return self._group_counts.get((sample.batch_index, sample.group_id), 0) >= self.group_size
 
     def num_held_from(self, batch_index: int) -> int:
         """Samples held for steps ``batch_index`` and later."""
@@ -183,6 +187,8 @@ class StalenessBuffer(Generic[S]):
             self._seen[sample.batch_index].add(sample.rollout_id)
             self._slots[sample.batch_index].add(getattr(sample, "slot", None) or sample.rollout_id)
             self._held[sample.batch_index].append(sample)
+            if self.group_size is not None:
+                self._group_counts[sample.batch_index, sample.group_id] += 1
         self._num_held = len(samples)
         for k, count in dropped.items():
             self._dropped_slots[int(k)] += count
@@ -211,6 +217,8 @@ class StalenessBuffer(Generic[S]):
         # learner's sums over the batch would then differ in their last bits between runs.
         candidates = sorted(self._held.pop(learner_version, []), key=lambda s: s.rollout_id)
         self._dropped_slots.pop(learner_version, None)
+        for key in [key for key in self._group_counts if key[0] <= learner_version]:
+            del self._group_counts[key]
         for memory in (self._seen, self._slots):  # later copies of a trained step are late anyway
             for trained in [k for k in memory if k <= learner_version]:
                 del memory[trained]

@@ -132,3 +132,27 @@ def test_a_copy_arriving_after_its_step_was_trained_is_refused_as_late() -> None
     assert not buffer.put(S("a", 0, 0), 1)  # its id is forgotten, its step is trained
     assert not buffer.put(Resample("a-r", 0, 0, slot="a"), 1)
     assert buffer.stats.dropped_late == 2 and buffer.stats.accepted == 1
+
+
+@dataclass(frozen=True)
+class G:
+    rollout_id: str
+    batch_index: int
+    policy_version: int
+    group_id: int
+
+
+def test_group_rule_counts_per_step_and_survives_restore_and_taken_batches() -> None:
+    buffer = StalenessBuffer(batch_size=4, max_staleness=2, capacity=16, group_size=2)
+    assert buffer.put(G("a", 0, 0, 7), 0) and buffer.put(G("b", 0, 0, 7), 0)
+    assert not buffer.put(G("c", 0, 0, 7), 0)  # group 7 of step 0 is full
+    assert buffer.put(G("d", 1, 0, 7), 0)  # the same group id in another step counts apart
+    assert buffer.stats.dropped_surplus == 1
+    samples, dropped = buffer.snapshot(range(0, 2))
+    fresh = StalenessBuffer(batch_size=4, max_staleness=2, capacity=16, group_size=2)
+    fresh.restore(samples, dropped)
+    assert not fresh.put(G("e", 0, 0, 7), 0) and fresh.put(G("f", 1, 0, 7), 0)
+    assert not fresh.put(G("g", 1, 0, 7), 0) and fresh.stats.dropped_surplus == 2
+    fresh.mark_dropped(0, 2)
+    assert [s.rollout_id for s in fresh.next_batch(0)] == ["a", "b"]
+    assert fresh._group_counts == {(1, 7): 2}  # a taken step's counts are forgotten with it

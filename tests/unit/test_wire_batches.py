@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
+from asyncopd.transport import codec
 from asyncopd.transport.codec import MalformedMessage, decode, encode
 from asyncopd.transport.sockets import Channel
 from asyncopd.types import Rollout, RolloutBatch, ScoreAck, ScoreAckBatch, ScoredBatch, ScoredRollout
@@ -30,9 +31,15 @@ def make_scored(i: int, version: int = 4) -> ScoredRollout:
                          topk_logprobs=np.where(ids >= 0, -1.0, 0.0).astype(np.float32))
 
 
+_ROWS = msgspec.msgpack.Encoder(enc_hook=codec._enc_hook)
+"""Batches element by element, as peers sent them before the columnar form (still accepted)."""
+
+
 def raw(message) -> dict:
-    """The message as plain msgpack data (arrays left as Ext), to break behind its back."""
-    return msgspec.msgpack.decode(encode(message), ext_hook=lambda code, data: msgspec.msgpack.Ext(code, bytes(data)))
+    """The message in its element-by-element form as plain msgpack data (arrays left as
+    Ext), to break behind its back."""
+    return msgspec.msgpack.decode(_ROWS.encode(message),
+                                  ext_hook=lambda code, data: msgspec.msgpack.Ext(code, bytes(data)))
 
 
 def test_batches_round_trip_with_the_oldest_policy_version() -> None:
