@@ -205,7 +205,18 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
     )
     engine = LLMEngine.from_engine_args(args)
     _cache_eos_token_id(engine)
+    _install_shortcuts(engine)
     return engine
+
+
+def _install_shortcuts(engine: LLMEngine) -> None:
+    """The checked shortcuts through vLLM's per-request Python (asyncopd.actor.vllm_shortcuts)."""
+    from asyncopd.actor import vllm_shortcuts
+
+    vllm_shortcuts.install_flat_logprobs_append()
+    ids = "counter request ids" if vllm_shortcuts.install_counter_request_ids(engine) else "vLLM's request ids"
+    draws = engine.collective_rpc(vllm_shortcuts.install_seeded_draws)[0]
+    logger.info("vLLM shortcuts: %s, flat log-prob appends, %s", draws, ids)
 
 
 def _cache_eos_token_id(engine: LLMEngine) -> None:
