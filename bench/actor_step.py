@@ -51,6 +51,8 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="write a cProfile of the timed steps here")
     parser.add_argument("--no-reload", action="store_true", help="skip the weight load between steps")
     parser.add_argument("--ab", action="store_true", help="alternate vLLM shortcuts on/off per step")
+    parser.add_argument("--ab-parts", default="draws,logprobs,ids,input",
+                        help="with --ab: the shortcuts that the 'off' steps take back (comma-separated)")
     args, overrides = parser.parse_known_args()
 
     from asyncopd.launch import compose_config
@@ -93,7 +95,7 @@ def main() -> int:
         timed = step >= args.warmup
         variant = variants[step % len(variants)]
         if args.ab:
-            _set_shortcuts(engine, variant == "on")
+            _set_shortcuts(engine, variant == "on", set(args.ab_parts.split(",")))
         if timed and profiler is not None and step == args.warmup:
             profiler.enable()
         t0 = time.process_time()
@@ -158,26 +160,26 @@ def main() -> int:
     return 0
 
 
-def _set_shortcuts(engine, on: bool) -> None:
-    """The engine as built (``on``) or with vLLM's own code in every shortcut's place."""
+def _set_shortcuts(engine, on: bool, parts: set[str]) -> None:
+    """The engine as built (``on``) or with vLLM's own code in the place of the shortcuts
+    named in ``parts`` (draws, logprobs, ids, input)."""
     from asyncopd.actor import engine as engine_module
     from asyncopd.actor import vllm_shortcuts as shortcuts
 
     llm = engine._engine
     if not hasattr(engine_module, "_bench_tokens_input"):
         engine_module._bench_tokens_input = engine_module._tokens_input
-    if on:
-        shortcuts.install_flat_logprobs_append()
-        shortcuts.install_counter_request_ids(llm)
-        llm.collective_rpc(shortcuts.install_seeded_draws)
-        engine_module._tokens_input = engine_module._bench_tokens_input
-    else:
-        from vllm.inputs import TokensPrompt
+    from vllm.inputs import TokensPrompt
 
-        shortcuts.remove_flat_logprobs_append()
-        shortcuts.remove_counter_request_ids(llm)
-        llm.collective_rpc(shortcuts.remove_seeded_draws)
-        engine_module._tokens_input = lambda ids: TokensPrompt(prompt_token_ids=ids)
+    if "logprobs" in parts:
+        (shortcuts.install_flat_logprobs_append if on else shortcuts.remove_flat_logprobs_append)()
+    if "ids" in parts:
+        (shortcuts.install_counter_request_ids if on else shortcuts.remove_counter_request_ids)(llm)
+    if "draws" in parts:
+        llm.collective_rpc(shortcuts.install_seeded_draws if on else shortcuts.remove_seeded_draws)
+    if "input" in parts:
+        engine_module._tokens_input = (engine_module._bench_tokens_input if on
+                                       else lambda ids: TokensPrompt(prompt_token_ids=ids))
 
 
 if __name__ == "__main__":
