@@ -89,6 +89,7 @@ def main() -> int:
     digest = hashlib.sha256()  # over every step, whichever variant ran it
     phases = {v: {"generate": 0.0, "ship": 0.0, "reload": 0.0} for v in variants}
     timed_steps = dict.fromkeys(variants, 0)
+    step_totals: dict[str, list[float]] = {v: [] for v in variants}
     profiler = cProfile.Profile() if args.profile else None
     num_engine_steps = 0
     for step in range(args.warmup + args.steps):
@@ -139,9 +140,14 @@ def main() -> int:
                 digest.update(c.topk_ids.tobytes())
         if timed:
             timed_steps[variant] += 1
+            step_totals[variant].append(t3 - t0)
             phases[variant]["generate"] += t1 - t0
             phases[variant]["ship"] += t2 - t1
             phases[variant]["reload"] += t3 - t2
+    if args.ab:
+        ratios = sorted(a / b for a, b in zip(step_totals["on"], step_totals["off"]))
+        print(f"actor_step pairs on/off: median {ratios[len(ratios) // 2]:.3f} "
+              f"(quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f}, {len(ratios)} pairs)")
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)
