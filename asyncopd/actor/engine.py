@@ -28,7 +28,9 @@ receives them from the learner itself (:mod:`asyncopd.actor.weight_receiver`, a 
 worker extension), so no copy of the model passes through this process's frontend.
 
 How the engine is configured and built (engine and sampling arguments, CPU/GPU
-differences, checks of the process) lives in :mod:`asyncopd.actor.vllm_setup`.
+differences, checks of the process) lives in :mod:`asyncopd.actor.vllm_setup`; the
+shortcuts it installs through vLLM's per-request Python (seeded draws, log-prob appends,
+request ids; each checked to give vLLM's exact result) in :mod:`asyncopd.actor.vllm_shortcuts`.
 
 This module does not tokenize, talk to other roles, compute rewards or decide
 admission (staleness); that is the actor loop's job. It does not touch

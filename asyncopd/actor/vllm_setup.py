@@ -7,7 +7,8 @@ launcher sets (:func:`engine_environment`), the checks of this process
 device-dependent ones come from :func:`asyncopd.placement.vllm_device_args`), the
 model's parameter shapes read from its config (:func:`describe_model`) and the
 ``SamplingParams`` of every request (:func:`sampling_params_factory`). It also
-silences three vLLM log records that would bury the console.
+silences three vLLM log records that would bury the console, and installs the
+shortcuts of :mod:`asyncopd.actor.vllm_shortcuts` on every engine it builds.
 
 On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
 vLLM would rewind a split request's seeded generator, which CPU generators cannot
