@@ -143,17 +143,17 @@ def install_seeded_draws(worker: Any) -> str:
     if getattr(vllm_forward, "asyncopd_seeded_draws", None) is not None:
         return "seeded draws: already installed"
     if getattr(vllm_forward, "__func__", None) is not TopKTopPSampler.forward_cpu:
-        return f"seeded draws: off (the sampler runs {getattr(vllm_forward, '__qualname__', vllm_forward)}, " \
-               "not vLLM's CPU sampler)"
-    shortcut = _forward_cpu_with_draws(sampler, vllm_forward, SeededDraws())
+        runs = getattr(vllm_forward, "__qualname__", vllm_forward)
+        return f"seeded draws: off (the sampler runs {runs}, not vLLM's CPU sampler)"
     vocab_size = int(worker.model_runner.model_config.get_vocab_size())
+    # Checked with draws of its own: the installed shortcut starts with none taken.
     problem = _same_samples(vllm_forward, _forward_cpu_with_draws(sampler, vllm_forward, SeededDraws()),
                             vocab_size)
     if problem is not None:
         logger.warning("vLLM's CPU sampler no longer samples like asyncopd's copy of it (%s); keeping vLLM's "
                        "(slower per request). Update asyncopd/actor/vllm_shortcuts.py.", problem)
         return f"seeded draws: off ({problem})"
-    sampler.forward = shortcut
+    sampler.forward = _forward_cpu_with_draws(sampler, vllm_forward, SeededDraws())
     return f"seeded draws: on ({DRAWS_PER_REFILL} per refill)"
 
 

@@ -87,7 +87,8 @@ def fake_worker(sampler: TopKTopPSampler) -> SimpleNamespace:
 def test_seeded_draws_install_on_the_cpu_sampler_only_and_come_off_again() -> None:
     sampler = cpu_sampler()
     worker = fake_worker(sampler)
-    assert vllm_shortcuts.install_seeded_draws(worker) == f"seeded draws: on ({vllm_shortcuts.DRAWS_PER_REFILL} per refill)"
+    on = f"seeded draws: on ({vllm_shortcuts.DRAWS_PER_REFILL} per refill)"
+    assert vllm_shortcuts.install_seeded_draws(worker) == on
     assert sampler.forward.asyncopd_seeded_draws is not None
     assert vllm_shortcuts.install_seeded_draws(worker) == "seeded draws: already installed"
     vllm_shortcuts.remove_seeded_draws(worker)
@@ -125,7 +126,11 @@ def test_flat_logprob_appends_fill_the_lists_vllm_fills(num_logprobs: int) -> No
         return LogprobsProcessor(tokenizer=None, logprobs=FlatLogprobs(), prompt_logprobs=None, cumulative_logprob=0.0,
                                  num_logprobs=num_logprobs, num_prompt_logprobs=None)
 
+    # Process-wide: an engine built earlier in this process installed it already.
+    installed_before = hasattr(LogprobsProcessor._update_sample_logprobs, "asyncopd_vllm_method")
+    vllm_shortcuts.remove_flat_logprobs_append()
     vllm_update = LogprobsProcessor._update_sample_logprobs
+    assert not hasattr(vllm_update, "asyncopd_vllm_method")
     ours, theirs = processor(), processor()
     rng = np.random.default_rng(num_logprobs)
     assert vllm_shortcuts.install_flat_logprobs_append()
@@ -137,7 +142,9 @@ def test_flat_logprob_appends_fill_the_lists_vllm_fills(num_logprobs: int) -> No
             vllm_update(theirs, step)
     finally:
         vllm_shortcuts.remove_flat_logprobs_append()
-    assert LogprobsProcessor._update_sample_logprobs is vllm_update
+        assert LogprobsProcessor._update_sample_logprobs is vllm_update
+        if installed_before:
+            vllm_shortcuts.install_flat_logprobs_append()
     assert ours.logprobs == theirs.logprobs  # every list: ids, log-probs, ranks, decoded, start/end indices
     assert len(ours.logprobs) == 8 and len(ours.logprobs.token_ids) == 8 * (num_logprobs + 1)
     assert ours.cumulative_logprob == theirs.cumulative_logprob
