@@ -17,6 +17,13 @@ both the cost and that the samples did not change. No sockets, no other roles.
     python bench/actor_step.py loss.kl_loss=topk teacher.top_k=16 loss.pg_coef=0 learner.batch_size=128
     python bench/actor_step.py --profile /tmp/actor.prof ...   # cProfile of the timed steps
     python bench/actor_step.py --config-name smollm2 --steps 3 --warmup 1 [actor.cpu_gemm=plain]
+    python bench/actor_step.py --ab ...   # vLLM shortcuts on / off on alternate steps, one process
+
+With ``--ab`` the steps alternate between the engine as built (``on``: the shortcuts of
+asyncopd.actor.vllm_shortcuts and the rendered prompt input) and vLLM's own code
+(``off``: shortcuts removed, prompts as ``TokensPrompt``), switched between steps, when
+no request is in flight; both variants are printed (per step of their own); the digest covers
+every step, so it must equal that of a run without ``--ab``.
 
 Last line: ``actor_step total <core-s/step> generate <> ship <> reload <> digest <hex>``.
 """
@@ -43,6 +50,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--profile", default=None, help="write a cProfile of the timed steps here")
     parser.add_argument("--no-reload", action="store_true", help="skip the weight load between steps")
+    parser.add_argument("--ab", action="store_true", help="alternate vLLM shortcuts on/off per step")
+    parser.add_argument("--ab-parts", default="draws,logprobs,ids,input",
+                        help="with --ab: the shortcuts that the 'off' steps take back (comma-separated)")
     args, overrides = parser.parse_known_args()
 
     from asyncopd.launch import compose_config
@@ -75,12 +85,18 @@ def main() -> int:
                AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).named_parameters()}
     prompts = task.train_prompts(0, 1, start=0)
     batch = cfg.learner.batch_size
-    digest = hashlib.sha256()
-    phases = {"generate": 0.0, "ship": 0.0, "reload": 0.0}
+    variants = ["on", "off"] if args.ab else ["on"]
+    digest = hashlib.sha256()  # over every step, whichever variant ran it
+    phases = {v: {"generate": 0.0, "ship": 0.0, "reload": 0.0} for v in variants}
+    timed_steps = dict.fromkeys(variants, 0)
+    step_totals: dict[str, list[float]] = {v: [] for v in variants}
     profiler = cProfile.Profile() if args.profile else None
     num_engine_steps = 0
     for step in range(args.warmup + args.steps):
         timed = step >= args.warmup
+        variant = variants[step % len(variants)]
+        if args.ab:
+            _set_shortcuts(engine, variant == "on", set(args.ab_parts.split(",")))
         if timed and profiler is not None and step == args.warmup:
             profiler.enable()
         t0 = time.process_time()
@@ -123,9 +139,15 @@ def main() -> int:
             if c.topk_ids is not None:
                 digest.update(c.topk_ids.tobytes())
         if timed:
-            phases["generate"] += t1 - t0
-            phases["ship"] += t2 - t1
-            phases["reload"] += t3 - t2
+            timed_steps[variant] += 1
+            step_totals[variant].append(t3 - t0)
+            phases[variant]["generate"] += t1 - t0
+            phases[variant]["ship"] += t2 - t1
+            phases[variant]["reload"] += t3 - t2
+    if args.ab:
+        ratios = sorted(a / b for a, b in zip(step_totals["on"], step_totals["off"]))
+        print(f"actor_step pairs on/off: median {ratios[len(ratios) // 2]:.3f} "
+              f"(quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f}, {len(ratios)} pairs)")
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)
@@ -133,12 +155,37 @@ def main() -> int:
         stats.sort_stats("tottime").print_stats(35)
         stats.sort_stats("cumulative").print_stats(45)
     engine.shutdown()
-    per = {k: v / args.steps for k, v in phases.items()}
-    print(f"{args.steps} steps x {batch} samples, {num_engine_steps / args.steps:.1f} engine steps per step; "
-          f"CPU s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in per.items()))
-    print(f"actor_step total {sum(per.values()):.4f} generate {per['generate']:.4f} ship {per['ship']:.4f} "
-          f"reload {per['reload']:.4f} digest {digest.hexdigest()[:16]}")
+    for variant in variants:
+        n = max(1, timed_steps[variant])
+        per = {k: v / n for k, v in phases[variant].items()}
+        label = f"actor_step[{variant}]" if args.ab else "actor_step"
+        print(f"{n} steps x {batch} samples, {num_engine_steps / max(1, args.steps):.1f} engine steps per step; "
+              f"CPU s per step: " + ", ".join(f"{k} {v:.4f}" for k, v in per.items()))
+        print(f"{label} total {sum(per.values()):.4f} generate {per['generate']:.4f} ship {per['ship']:.4f} "
+              f"reload {per['reload']:.4f} digest {digest.hexdigest()[:16]}")
     return 0
+
+
+def _set_shortcuts(engine, on: bool, parts: set[str]) -> None:
+    """The engine as built (``on``) or with vLLM's own code in the place of the shortcuts
+    named in ``parts`` (draws, logprobs, ids, input)."""
+    from asyncopd.actor import engine as engine_module
+    from asyncopd.actor import vllm_shortcuts as shortcuts
+
+    llm = engine._engine
+    if not hasattr(engine_module, "_bench_tokens_input"):
+        engine_module._bench_tokens_input = engine_module._tokens_input
+    from vllm.inputs import TokensPrompt
+
+    if "logprobs" in parts:
+        (shortcuts.install_flat_logprobs_append if on else shortcuts.remove_flat_logprobs_append)()
+    if "ids" in parts:
+        (shortcuts.install_counter_request_ids if on else shortcuts.remove_counter_request_ids)(llm)
+    if "draws" in parts:
+        llm.collective_rpc(shortcuts.install_seeded_draws if on else shortcuts.remove_seeded_draws)
+    if "input" in parts:
+        engine_module._tokens_input = (engine_module._bench_tokens_input if on
+                                       else lambda ids: TokensPrompt(prompt_token_ids=ids))
 
 
 if __name__ == "__main__":

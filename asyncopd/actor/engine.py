@@ -28,7 +28,9 @@ receives them from the learner itself (:mod:`asyncopd.actor.weight_receiver`, a 
 worker extension), so no copy of the model passes through this process's frontend.
 
 How the engine is configured and built (engine and sampling arguments, CPU/GPU
-differences, checks of the process) lives in :mod:`asyncopd.actor.vllm_setup`.
+differences, checks of the process) lives in :mod:`asyncopd.actor.vllm_setup`; the
+shortcuts it installs through vLLM's per-request Python (seeded draws, log-prob appends,
+request ids; each checked to give vLLM's exact result) in :mod:`asyncopd.actor.vllm_shortcuts`.
 
 This module does not tokenize, talk to other roles, compute rewards or decide
 admission (staleness); that is the actor loop's job. It does not touch
@@ -73,10 +75,14 @@ class WeightPayloadError(ValueError):
 
 
 def _tokens_input(prompt_ids: list[int]) -> Any:
-    """The engine's input for a tokenized prompt."""
-    from vllm.inputs import TokensPrompt
+    """The engine's input for a tokenized prompt: vLLM's rendered form (``TokensInput``),
+    what its renderer would make of a ``TokensPrompt`` after checks this engine has
+    already made (length, vocabulary; no truncation, no multimodal data). A
+    ``TokensPrompt`` would take vLLM's deprecated raw-prompt path through the renderer,
+    ~20% of adding a request."""
+    from vllm.inputs import tokens_input
 
-    return TokensPrompt(prompt_token_ids=prompt_ids)
+    return tokens_input(prompt_ids)
 
 
 class VllmEngine:

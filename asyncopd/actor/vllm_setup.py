@@ -7,7 +7,8 @@ launcher sets (:func:`engine_environment`), the checks of this process
 device-dependent ones come from :func:`asyncopd.placement.vllm_device_args`), the
 model's parameter shapes read from its config (:func:`describe_model`) and the
 ``SamplingParams`` of every request (:func:`sampling_params_factory`). It also
-silences three vLLM log records that would bury the console.
+silences three vLLM log records that would bury the console, and installs the
+shortcuts of :mod:`asyncopd.actor.vllm_shortcuts` on every engine it builds.
 
 On CPU a prompt's prefill is never split across engine steps (no chunked prefill):
 vLLM would rewind a split request's seeded generator, which CPU generators cannot
@@ -205,7 +206,18 @@ def build_engine(model_path: str, cfg: ActorConfig, *, dtype: str, seed: int, ma
     )
     engine = LLMEngine.from_engine_args(args)
     _cache_eos_token_id(engine)
+    _install_shortcuts(engine)
     return engine
+
+
+def _install_shortcuts(engine: LLMEngine) -> None:
+    """The checked shortcuts through vLLM's per-request Python (asyncopd.actor.vllm_shortcuts)."""
+    from asyncopd.actor import vllm_shortcuts
+
+    vllm_shortcuts.install_flat_logprobs_append()
+    ids = "counter request ids" if vllm_shortcuts.install_counter_request_ids(engine) else "vLLM's request ids"
+    draws = engine.collective_rpc(vllm_shortcuts.install_seeded_draws)[0]
+    logger.info("vLLM shortcuts: %s, flat log-prob appends, %s", draws, ids)
 
 
 def _cache_eos_token_id(engine: LLMEngine) -> None:

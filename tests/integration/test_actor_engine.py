@@ -276,6 +276,38 @@ def test_greedy_and_seeded_requests_are_deterministic(state: EngineState) -> Non
         np.testing.assert_allclose(first["seeded-a"].logprobs, second["seeded-b"].logprobs, atol=1e-5, rtol=0)
 
 
+def test_vllm_shortcuts_sample_exactly_like_vllms_own_code(state: EngineState,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine is built with asyncopd.actor.vllm_shortcuts; taking them back (and giving
+    prompts as TokensPrompt) must not change one id, log-prob or top-k id: same batch,
+    same seeds, the same batch makeup."""
+    from vllm.inputs import TokensPrompt
+
+    from asyncopd.actor import engine as engine_module
+    from asyncopd.actor import vllm_shortcuts
+
+    llm = state.engine._engine
+    assert llm.collective_rpc(vllm_shortcuts.install_seeded_draws) == ["seeded draws: already installed"]
+    batch = prompts(6, seed=11)
+    fast = generate(state.engine, batch, "fast", seed=500, policy_version=0)
+    llm.collective_rpc(vllm_shortcuts.remove_seeded_draws)
+    vllm_shortcuts.remove_flat_logprobs_append()
+    vllm_shortcuts.remove_counter_request_ids(llm)
+    monkeypatch.setattr(engine_module, "_tokens_input", lambda ids: TokensPrompt(prompt_token_ids=ids))
+    try:
+        plain = generate(state.engine, batch, "plain", seed=500, policy_version=0)
+    finally:
+        assert llm.collective_rpc(vllm_shortcuts.install_seeded_draws)[0].startswith("seeded draws: on")
+        vllm_shortcuts.install_flat_logprobs_append()
+        vllm_shortcuts.install_counter_request_ids(llm)
+    for a, b in zip(fast, plain):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.token_policy_versions, b.token_policy_versions)
+    assert sum(len(c.token_ids) for c in fast) > len(fast)  # several decode steps, not one
+
+
 def test_overlong_prompt_is_refused_with_the_limit_and_fix(state: EngineState) -> None:
     engine = state.engine
     limit = state.cfg.max_model_len - state.cfg.max_new_tokens
