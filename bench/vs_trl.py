@@ -544,21 +544,23 @@ def run_window(spec: TaskSpec, out: Path, sides: list[str], trl_threads: int, ex
 def median_over_windows(spec: TaskSpec, windows: list[Path], results: list[dict[str, dict[str, float]]]) -> float:
     """Print one row per window and the medians; return the headline side's median ratio."""
     sides = [s for s in ["trl", *TASK_SIDES[spec.name]] if any(s in r for r in results)]
+    ours = [s for s in sides if s != "trl"]
+    medians = {s: statistics.median(r[s]["ratio"] for r in results if s in r) for s in ours}
     if len(windows) > 1:
+        def row(name: str, steps: list[str], ratios: list[str]) -> None:
+            print(f"   {name:<7} " + "  ".join(f"{cell:>16}" for cell in steps + ratios))
+
+        def value(result: dict, side: str, key: str, digits: int) -> str:
+            return f"{result[side][key]:.{digits}f}" if side in result else "nan"
+
         print(f"\n== {spec.name}: {len(windows)} windows (each side once per window, the order rotating)")
-        print(f"   {'window':<7} " + "  ".join(f"{s + ' s/step':>16}" for s in sides)
-              + "  " + "  ".join(f"{'ratio ' + s:>16}" for s in sides if s != "trl"))
+        row("window", [f"{s} s/step" for s in sides], [f"ratio {s}" for s in ours])
         for window, result in zip(windows, results):
-            print(f"   {window.name:<7} " + "  ".join(f"{result[s]['s_per_step'] if s in result else math.nan:>16.3f}"
-                                                for s in sides)
-                  + "  " + "  ".join(f"{result[s]['ratio'] if s in result else math.nan:>16.2f}"
-                                     for s in sides if s != "trl"))
-    medians = {s: statistics.median(r[s]["ratio"] for r in results if s in r)
-               for s in sides if s != "trl" and any(s in r for r in results)}
-    if len(windows) > 1:
-        print(f"   {'median':<7} " + "  ".join([" " * 16] * len(sides)) + "  " + "  ".join(f"{medians.get(s, math.nan):>16.2f}"
-                                                             for s in sides if s != "trl"))
+            row(window.name, [value(result, s, "s_per_step", 3) for s in sides],
+                [value(result, s, "ratio", 2) for s in ours])
+        row("median", [""] * len(sides), [f"{medians[s]:.2f}" for s in ours])
     return medians.get(HEADLINE[spec.name], math.nan)
+
 
 if __name__ == "__main__":
     sys.exit(main())
